@@ -1,0 +1,265 @@
+"""The only code that reads model weights.
+
+Rules, each enforced before any weight byte is deserialized:
+- safetensors only: pickles (.bin/.ckpt/.pt/.pth/.pkl) are refused, never opened; every .safetensors
+  file's header is checked against its size, so a truncated or corrupt file is a clear error;
+- the pipeline class and every component class named in model_index.json must be on an allowlist;
+  no remote code, no custom pipelines;
+- a hub model that is not in the local cache while the network is unavailable (or HF_HUB_OFFLINE=1)
+  gives one message naming `python -m pipelines prefetch <id>`.
+Loaded pipelines are cached per (model, device, dtype); a failed load leaves the cache untouched,
+so the app keeps serving what it had.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from .registry import ModelSpec, get
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+ALLOWED_PIPELINES = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+    "SanaSprintPipeline": "sana", "SanaPipeline": "sana", "FluxPipeline": "flux",
+}
+ALLOWED_COMPONENTS = {
+    "diffusers": {
+        "UNet2DConditionModel", "AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "ControlNetModel",
+        "FluxTransformer2DModel", "SanaTransformer2DModel",
+        "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
+        "SCMScheduler", "TCDScheduler",
+    },
+    "transformers": {
+        "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "CLIPTokenizerFast", "T5EncoderModel",
+        "T5TokenizerFast", "Gemma2Model", "GemmaTokenizer", "GemmaTokenizerFast",
+    },
+}
+# optional parts of SD pipelines that the app never uses; they are not loaded at all
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+WEIGHTLESS = ("tokenizer", "tokenizer_2", "scheduler")
+WEIGHT_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class LoadError(ValueError):
+    """A model that cannot be loaded safely; the message says why and what is allowed."""
+
+
+class ModelNotAvailable(LoadError):
+    """A hub model that is not on this machine."""
+
+
+def prefetch_hint(model_id: str) -> str:
+    return f"python -m pipelines prefetch {model_id}"
+
+
+def check_safetensors(path: Path) -> None:
+    """Validate a .safetensors file's header against its size without loading tensors."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise LoadError(f"corrupt safetensors file {path}: shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER, size - 8):
+                raise LoadError(f"corrupt or truncated safetensors file {path}: header of {n} bytes "
+                                f"does not fit in a {size}-byte file")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"corrupt safetensors file {path}: unreadable header ({e.__class__.__name__})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise LoadError(f"truncated or corrupt safetensors file {path}: header describes {8 + n + end} bytes, "
+                        f"file has {size}; re-download or re-export it")
+
+
+def check_folder(path: Path) -> str:
+    """Validate a diffusers pipeline folder; return its pipeline class name."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise LoadError(f"{path} is not a diffusers model folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{index_file} is not valid JSON ({e.msg})") from None
+    cls = index.get("_class_name")
+    if cls not in ALLOWED_PIPELINES:
+        raise LoadError(f"pipeline class {cls!r} in {index_file} is not allowed; allowed: "
+                        f"{', '.join(sorted(ALLOWED_PIPELINES))}")
+    for name, value in index.items():
+        if name.startswith("_") or name in SKIPPED_COMPONENTS or not isinstance(value, list):
+            continue
+        lib, comp = (value + [None, None])[:2]
+        if lib is None and comp is None:
+            continue
+        if comp not in ALLOWED_COMPONENTS.get(lib, ()):
+            raise LoadError(f"component {name!r} has class {lib}.{comp}, which is not allowed; allowed: "
+                            f"{', '.join(sorted(ALLOWED_COMPONENTS['diffusers'] | ALLOWED_COMPONENTS['transformers']))}")
+        sub = path / name
+        if name in WEIGHTLESS or not sub.is_dir():
+            continue
+        tensors = sorted(sub.glob("*.safetensors"))
+        if not tensors:
+            pickles = [p.name for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickles:
+                raise LoadError(f"{sub} holds only pickle weights ({', '.join(pickles)}); OneStep Studio loads "
+                                ".safetensors only (pickles can run code when opened)")
+            raise LoadError(f"{sub} has no .safetensors weights")
+        for t in tensors:
+            check_safetensors(t)
+    return cls
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_snapshot(repo: str, download: bool = False) -> Path:
+    """Local folder of a hub repo's safetensors snapshot; downloads only when `download`."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS, ignore_patterns=["*.fp16.*", "*non_ema*"],
+                                      local_files_only=not download))
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailable(f"model {repo} is not on this machine and cannot be downloaded now; "
+                                f"fetch it with: {prefetch_hint(repo)}") from None
+    except Exception as e:  # network errors surface as many classes; say what to do, once
+        raise ModelNotAvailable(f"could not fetch {repo} ({e.__class__.__name__}); check the network, then run: "
+                                f"{prefetch_hint(repo)}") from None
+
+
+def hub_file(repo: str, filename: str, download: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if not filename.endswith(".safetensors"):
+        raise LoadError(f"{repo}/{filename} is a pickle; OneStep Studio loads .safetensors only "
+                        "(convert it to safetensors yourself and give the folder as --model)")
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=not download))
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailable(f"{repo}/{filename} is not on this machine; fetch it with: "
+                                f"{prefetch_hint(repo)}") from None
+
+
+def hub_cached(spec: ModelSpec) -> bool:
+    try:
+        hub_snapshot(spec.source)
+        if spec.lora:
+            hub_file(*spec.lora)
+        return spec.unet is None
+    except LoadError:
+        return False
+
+
+def prefetch(model_id: str) -> list[Path]:
+    """Download a hub model's safetensors (with progress); return the local folders/files."""
+    spec = get(model_id)
+    if spec.is_local:
+        check_folder(spec.path)
+        return [spec.path]
+    if spec.unet:  # refuse before downloading gigabytes we will not load
+        hub_file(*spec.unet)
+    got = [hub_snapshot(spec.source, download=True)]
+    if spec.lora:
+        got.append(hub_file(*spec.lora, download=True))
+    return got
+
+
+def model_folder(spec: ModelSpec) -> Path:
+    """Resolve and validate the folder a spec loads from."""
+    if spec.is_local:
+        path = spec.path
+        if path.is_file():
+            kind = "a pickle" if path.suffix in PICKLE_SUFFIXES else "a single file"
+            raise LoadError(f"{path} is {kind}; give a diffusers folder with .safetensors weights "
+                            "(single-file and pickle checkpoints are not loaded)")
+        if not path.is_dir():
+            raise ModelNotAvailable(f"model folder {path} does not exist; the embedded models are built by: "
+                                    "python -m training.recipes.shapes --out assets/models/shapes-64")
+    else:
+        path = hub_snapshot(spec.source)
+    if spec.unet:
+        hub_file(*spec.unet)  # raises: the only published UNet is a pickle
+    check_folder(path)
+    return path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load (or return the cached) diffusers pipeline of a registry id or local folder."""
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    key = (model_id, str(device), str(dtype))
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    spec = get(model_id)
+    path = model_folder(spec)
+    pipe = _from_folder(path, spec, dtype).to(device)
+    if spec.lora:
+        pipe.load_lora_weights(str(_checked(hub_file(*spec.lora))))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    with _LOCK:
+        _CACHE[key] = pipe
+        while len(_CACHE) > MAX_LOADED:
+            _CACHE.popitem(last=False)
+    return pipe
+
+
+def _checked(path: Path) -> Path:
+    check_safetensors(path)
+    return path
+
+
+def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    cls_name = check_folder(path)
+    cls = getattr(diffusers, cls_name)
+    kwargs = {name: None for name in SKIPPED_COMPONENTS if name in json.loads((path / "model_index.json").read_text())}
+    if cls_name == "StableDiffusionPipeline":
+        kwargs["requires_safety_checker"] = False
+    try:
+        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        raise LoadError(f"could not load {spec.id}: {first}") from None
+
+
+def loaded() -> list[tuple[str, str, str]]:
+    with _LOCK:
+        return list(_CACHE)
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+MAX_LOADED = 4
+_LOCK = threading.Lock()
+_CACHE: OrderedDict = OrderedDict()

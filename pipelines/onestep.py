@@ -1,0 +1,203 @@
+"""One- to four-step generation for UNet students (SD and SDXL families), and plain generation for
+SANA and FLUX through their own pipelines.
+
+Each step predicts the clean latent from the noisy one with the scheduler's parameterisation
+(epsilon, v or sample), and between steps re-noises it to the next timestep with fresh noise
+(the multistep sampler of consistency models and DMD2's backward simulation):
+
+    x0_k = f(x_{t_k}, t_k, c),   x_{t_{k+1}} = sqrt(abar_{t_{k+1}}) x0_k + sqrt(1 - abar_{t_{k+1}}) eps_k.
+
+`denoise` is differentiable: gradients flow from the image back to the initial noise (ReNO uses it).
+`generate` wraps it with no_grad, timing per stage, seeds and input checks.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .registry import ModelSpec
+
+MAX_PROMPT_CHARS = 1000
+MAX_BATCH = 16
+MAX_SEED = 2**32 - 1
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_STUDENT_STEPS = 4
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a UNet call (SDXL adds pooled embeddings and size ids)."""
+
+    prompt_embeds: torch.Tensor
+    added_cond_kwargs: dict | None = None
+
+    def repeat(self, n: int) -> "Conditioning":
+        if n == 1:
+            return self
+        extra = {k: v.repeat_interleave(n, 0) for k, v in self.added_cond_kwargs.items()} if self.added_cond_kwargs else None
+        return Conditioning(self.prompt_embeds.repeat_interleave(n, 0), extra)
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    timings: dict  # seconds: text_encoding, denoising, decoding, total
+    settings: dict = field(default_factory=dict)
+
+
+def check_inputs(prompt: str, steps: int, height: int, width: int, seed: int, batch_size: int,
+                 max_steps: int = MAX_STUDENT_STEPS) -> None:
+    """Raise ValueError with one line saying what is wrong and what is allowed."""
+    if not isinstance(prompt, str):
+        raise ValueError("prompt must be text")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    for name, value, lo, hi in (("steps", steps, 1, max_steps), ("batch size", batch_size, 1, MAX_BATCH),
+                                ("seed", seed, 0, MAX_SEED), ("height", height, MIN_SIDE, MAX_SIDE),
+                                ("width", width, MIN_SIDE, MAX_SIDE)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be a whole number from {lo} to {hi}, got {str(value)[:40]!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} {value} is out of range; allowed: {lo} to {hi}")
+    for name, value in (("height", height), ("width", width)):
+        if value % 8:
+            raise ValueError(f"{name} {value} is not a multiple of 8; allowed: multiples of 8 from {MIN_SIDE} to {MAX_SIDE}")
+
+
+def default_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Evenly spaced trailing timesteps: 1 -> [999], 4 -> [999, 749, 499, 249]."""
+    return [int(num_train_timesteps - 1 - k * num_train_timesteps // steps) for k in range(steps)]
+
+
+def resolve_timesteps(spec: ModelSpec, steps: int, timesteps=None, num_train_timesteps: int = 1000) -> list[int]:
+    ts = list(timesteps) if timesteps is not None else spec.timesteps_for(steps) or default_timesteps(steps, num_train_timesteps)
+    if len(ts) != steps or any(not 0 <= t < num_train_timesteps for t in ts):
+        raise ValueError(f"timesteps {ts} must be {steps} values in [0, {num_train_timesteps - 1}]")
+    return ts
+
+
+def latent_shape(pipe, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    f = pipe.vae_scale_factor
+    return (batch, pipe.unet.config.in_channels, height // f, width // f)
+
+
+def make_noise(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
+    """Initial noise, one CPU generator per image (image i of a batch is reproducible from its seed alone)."""
+    shape = latent_shape(pipe, 1, height, width)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def encode_prompt(pipe, prompts: list[str], height: int, width: int) -> Conditioning:
+    """Text conditioning with gradients allowed (no no_grad here: ReNO may differentiate through it)."""
+    device = pipe.unet.device
+    if hasattr(pipe, "text_encoder_2"):  # SDXL: two encoders, pooled embeds and size ids
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=device)
+        return Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)})
+    embeds, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return Conditioning(embeds)
+
+
+def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, prediction_type: str) -> torch.Tensor:
+    abar = pipe.scheduler.alphas_cumprod[t].to(x_t.device, torch.float32)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - s * model_output) / a.clamp_min(1e-4)
+    if prediction_type == "v_prediction":
+        return a * x_t - s * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"prediction type {prediction_type!r} is not supported; allowed: epsilon, v_prediction, sample")
+
+
+def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int], prediction_type: str | None = None,
+            generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Differentiable student sampling: initial noise -> clean latents (scaled, as the UNet sees them).
+
+    Re-noising between steps uses `renoise[k]` when given (so a caller can fix it), else noise drawn
+    from `generator`."""
+    ptype = prediction_type or pipe.scheduler.config.prediction_type
+    unet = pipe.unet
+    x = noise.to(unet.device, unet.dtype)
+    x0 = x
+    for k, t in enumerate(timesteps):
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = unet(x, t_batch, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+        x0 = predict_x0(pipe, out.float(), x.float(), t, ptype)
+        if k + 1 < len(timesteps):
+            nxt = timesteps[k + 1]
+            abar = pipe.scheduler.alphas_cumprod[nxt].to(x.device, torch.float32)
+            eps = renoise[k] if renoise is not None else torch.randn(x.shape, generator=generator)
+            x = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps.to(x.device, torch.float32)).to(unet.dtype)
+    return x0
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (differentiable)."""
+    vae = pipe.vae
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(pipe, spec: ModelSpec, prompt: str, *, steps: int | None = None, seed: int = 0, batch_size: int = 1,
+             height: int | None = None, width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
+             prediction_type: str | None = None, conditioning: Conditioning | None = None) -> GenerationResult:
+    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`)."""
+    steps = steps or spec.steps
+    height = height or spec.resolution
+    width = width or spec.resolution
+    check_inputs(prompt, steps, height, width, seed, batch_size, max_steps=max(MAX_STUDENT_STEPS, spec.steps))
+    if spec.family not in ("sd", "sdxl"):
+        return _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width)
+    seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch_size)]
+    device = pipe.unet.device
+    t0 = time.perf_counter()
+    cond = conditioning or encode_prompt(pipe, [prompt], height, width)
+    cond = cond.repeat(batch_size)
+    _sync(device)
+    t1 = time.perf_counter()
+    if noise is None:
+        noise = make_noise(pipe, seeds, height, width)
+    elif tuple(noise.shape) != latent_shape(pipe, batch_size, height, width):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {latent_shape(pipe, batch_size, height, width)}")
+    ts = resolve_timesteps(spec, steps, timesteps, pipe.scheduler.config.num_train_timesteps)
+    gen = torch.Generator().manual_seed(seeds[0] + 1)
+    latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen)
+    _sync(device)
+    t2 = time.perf_counter()
+    images = decode(pipe, latents)
+    _sync(device)
+    t3 = time.perf_counter()
+    timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
+    settings = {"model": spec.id, "prompt": prompt, "steps": steps, "seed": seed, "batch_size": batch_size,
+                "height": height, "width": width, "timesteps": ts}
+    return GenerationResult(to_pil(images), timings, settings)
+
+
+def _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width) -> GenerationResult:
+    """SANA-Sprint and FLUX: their own pipelines, one seed per image."""
+    t0 = time.perf_counter()
+    images = []
+    for i in range(batch_size):
+        out = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=spec.guidance_scale, height=height,
+                   width=width, generator=torch.Generator().manual_seed(seed + i))
+        images.extend(out.images)
+    total = time.perf_counter() - t0
+    settings = {"model": spec.id, "prompt": prompt, "steps": steps, "seed": seed, "batch_size": batch_size,
+                "height": height, "width": width}
+    return GenerationResult(images, {"text_encoding": 0.0, "denoising": total, "decoding": 0.0, "total": total}, settings)

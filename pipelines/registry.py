@@ -1,0 +1,141 @@
+"""Model registry as data: one ModelSpec per model the app knows.
+
+Nothing here loads weights (that is `loading.py`); this module only says where a model lives,
+what family it is, its defaults, and who its teacher is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets" / "models"
+
+FAMILIES = ("sd", "sdxl", "sana", "flux")
+UNET_FAMILIES = ("sd", "sdxl")  # every feature; SANA and FLUX get plain generation
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    family: str  # one of FAMILIES
+    role: str  # "student" (1-4 steps) or "teacher" (many steps + CFG)
+    source: str  # hub repo id, or a folder (relative paths are under the repo root)
+    teacher: str | None = None  # registry id of the teacher, for Compare
+    resolution: int = 512
+    steps: int = 1  # default number of inference steps
+    timesteps: tuple[int, ...] | None = None  # explicit student timesteps per step count, if trained so
+    guidance_scale: float = 0.0
+    guidance_rescale: float = 0.0
+    nasa_alpha: float = 0.0  # default NASA strength for negative prompts (0 for teachers: they use CFG)
+    licence: str = ""
+    memory_gb: float = 0.0  # rough peak memory in fp16 at default size (fp32 on CPU: about double)
+    lora: tuple[str, str] | None = None  # (repo, file) of a safetensors LoRA fused into the base
+    unet: tuple[str, str] | None = None  # (repo, file) of a replacement UNet checkpoint
+    description: str = ""
+    extras: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_local(self) -> bool:
+        return not _looks_like_hub_id(self.source)
+
+    @property
+    def path(self) -> Path:
+        p = Path(self.source)
+        return p if p.is_absolute() else ROOT / p
+
+    def timesteps_for(self, steps: int) -> list[int] | None:
+        """The trained timesteps for `steps` steps, when the spec pins them."""
+        if self.timesteps and len(self.timesteps) == steps:
+            return list(self.timesteps)
+        return None
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and not source.startswith((".", "/")) and not (ROOT / source).exists()
+
+
+SHAPES_DIR = "assets/models/shapes-64"
+
+MODELS: dict[str, ModelSpec] = {m.id: m for m in [
+    ModelSpec("shapes-64", "sd", "student", f"{SHAPES_DIR}/student", teacher="shapes-64-teacher", resolution=64,
+              steps=1, timesteps=(999,), nasa_alpha=0.5, licence="Apache-2.0 (trained by this project)",
+              memory_gb=0.1, description="embedded one-step DMD2 student of the shapes world (CPU real time)"),
+    ModelSpec("shapes-64-teacher", "sd", "teacher", f"{SHAPES_DIR}/teacher", resolution=64, steps=25,
+              guidance_scale=5.0, guidance_rescale=0.7, licence="Apache-2.0 (trained by this project)",
+              memory_gb=0.1, description="embedded multi-step teacher of the shapes world (v-prediction, zero SNR)"),
+    ModelSpec("stabilityai/sd-turbo", "sd", "student", "stabilityai/sd-turbo",
+              teacher="stabilityai/stable-diffusion-2-1-base", steps=1, timesteps=(999,), nasa_alpha=0.2,
+              licence="Stability AI Non-Commercial Research Community License", memory_gb=3.0,
+              description="ADD-distilled SD 2.1, 512px"),
+    ModelSpec("stabilityai/stable-diffusion-2-1-base", "sd", "teacher", "stabilityai/stable-diffusion-2-1-base",
+              steps=25, guidance_scale=7.5, licence="CreativeML Open RAIL++-M", memory_gb=3.5,
+              description="SD 2.1 base (teacher of SD-Turbo)"),
+    ModelSpec("stabilityai/sdxl-turbo", "sdxl", "student", "stabilityai/sdxl-turbo",
+              teacher="stabilityai/stable-diffusion-xl-base-1.0", steps=1, timesteps=(999,), nasa_alpha=0.2,
+              licence="Stability AI Non-Commercial Research Community License", memory_gb=8.0,
+              description="ADD-distilled SDXL, 512px"),
+    ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "teacher",
+              "stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=30, guidance_scale=7.0,
+              licence="CreativeML Open RAIL++-M", memory_gb=10.0, description="SDXL base 1.0"),
+    ModelSpec("tianweiy/DMD2-sdxl-1step", "sdxl", "student", "stabilityai/stable-diffusion-xl-base-1.0",
+              teacher="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=1, timesteps=(399,),
+              nasa_alpha=0.1, licence="CC-BY-NC-4.0", memory_gb=10.0,
+              unet=("tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin"),
+              description="DMD2 one-step SDXL UNet (published only as a pickle: refused, see loading.py)"),
+    ModelSpec("tianweiy/DMD2-sdxl-4step", "sdxl", "student", "stabilityai/stable-diffusion-xl-base-1.0",
+              teacher="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=4,
+              timesteps=(999, 749, 499, 249), nasa_alpha=0.1, licence="CC-BY-NC-4.0", memory_gb=10.0,
+              lora=("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"),
+              description="DMD2 four-step SDXL (LoRA fused into SDXL base)"),
+    ModelSpec("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", "sana", "student",
+              "Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", resolution=1024, steps=2,
+              guidance_scale=4.5, licence="NVIDIA Open Model License", memory_gb=6.0,
+              description="SANA-Sprint 0.6B (sCM + LADD), plain generation"),
+    ModelSpec("black-forest-labs/FLUX.1-schnell", "flux", "student", "black-forest-labs/FLUX.1-schnell",
+              resolution=1024, steps=4, licence="Apache-2.0", memory_gb=34.0,
+              description="FLUX.1 schnell (timestep-distilled), plain generation"),
+]}
+
+DEFAULT_MODEL = "shapes-64"
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; ours is a sentence
+        return self.args[0]
+
+
+def get(model_id: str) -> ModelSpec:
+    """The spec of a registry id, or of a local model folder given by path."""
+    if model_id in MODELS:
+        return MODELS[model_id]
+    path = Path(model_id).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return local_spec(path)
+    raise UnknownModelError(f"unknown model {str(model_id)[:100]!r}; allowed: {', '.join(MODELS)} "
+                            "or a local folder holding a model_index.json")
+
+
+def local_spec(path: Path, role: str = "student") -> ModelSpec:
+    """A spec for a diffusers folder outside the registry (family read from its model_index.json)."""
+    import json
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    cls = index.get("_class_name", "")
+    family = "sdxl" if "XL" in cls else "flux" if "Flux" in cls else "sana" if "Sana" in cls else "sd"
+    extras = dict(json.loads((Path(path) / "onestep.json").read_text())) if (Path(path) / "onestep.json").is_file() else {}
+    return ModelSpec(str(path), family, extras.get("role", role), str(Path(path).resolve()),
+                     teacher=extras.get("teacher"), resolution=extras.get("resolution", 512),
+                     steps=extras.get("steps", 1), timesteps=tuple(extras["timesteps"]) if extras.get("timesteps") else None,
+                     guidance_scale=extras.get("guidance_scale", 0.0), nasa_alpha=extras.get("nasa_alpha", 0.0),
+                     description=f"local {cls} folder")
+
+
+def installed(spec: ModelSpec) -> bool:
+    """True when the model's weights are on this machine (local folder present, or hub files cached)."""
+    if spec.is_local:
+        return (spec.path / "model_index.json").is_file()
+    from .loading import hub_cached
+
+    return hub_cached(spec)

@@ -1,0 +1,99 @@
+"""Checkpoints: atomic, safetensors-only, resumable from the latest *complete* one.
+
+Layout of a run folder::
+
+    run/config.json                    the resolved config (written once by the runner)
+    run/metrics.jsonl                  one JSON line per logged step
+    run/checkpoints/step-00000500/     model-<name>.safetensors, optim-<name>.safetensors,
+                                       optim-<name>.json, state.json, COMPLETE
+
+A checkpoint is written into a hidden temporary folder, marked COMPLETE, then renamed into place,
+so a crash mid-write never leaves a folder that looks finished. Older checkpoints are rotated only
+after the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+
+
+def _flat_optim(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save(run_dir: str | Path, step: int, modules: dict, optimizers: dict | None = None,
+         state: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; then keep only the newest `keep` complete ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, module in modules.items():
+        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(sd, str(tmp / f"model-{name}.safetensors"))
+    for name, opt in (optimizers or {}).items():
+        tensors, meta = _flat_optim(opt)
+        save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
+        (tmp / f"optim-{name}.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
+    (tmp / MARKER).write_text("ok\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first; half-written ones are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / MARKER).is_file())
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load(ckpt: str | Path, modules: dict, optimizers: dict | None = None) -> dict:
+    """Restore modules (and optimizers) from a checkpoint folder; return its state.json."""
+    ckpt = Path(ckpt)
+    if not (ckpt / MARKER).is_file():
+        raise ValueError(f"checkpoint {ckpt} is incomplete (no {MARKER} marker); resume from a complete one")
+    for name, module in modules.items():
+        module.load_state_dict(load_file(str(ckpt / f"model-{name}.safetensors")))
+    for name, opt in (optimizers or {}).items():
+        _load_optim(opt, load_file(str(ckpt / f"optim-{name}.safetensors")),
+                    json.loads((ckpt / f"optim-{name}.json").read_text()))
+    return json.loads((ckpt / "state.json").read_text())

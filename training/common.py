@@ -1,0 +1,103 @@
+"""What every training method shares: the shapes data source, the LR schedule, and the step loop
+with logging, periodic atomic checkpoints, resume, a wall-time budget and graceful stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from shapes import render, sample_spec, to_prompt
+
+from . import checkpoint
+from .config import save_json
+
+
+def render_batch(rng: np.random.Generator, n: int, uncond_prob: float = 0.0):
+    """n fresh (image, prompt) pairs of the shapes world; images in [-1, 1], NCHW float32."""
+    imgs, prompts = [], []
+    for _ in range(n):
+        spec = sample_spec(rng)
+        imgs.append(render(spec, int(rng.integers(2**31))))
+        prompts.append("" if rng.random() < uncond_prob else to_prompt(spec))
+    return to_tensor(np.stack(imgs)), prompts
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_factor(cfg, step: int) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT so the loop can write a checkpoint before it exits."""
+
+    def __init__(self):
+        self.stop = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _handle(self, *_):
+        self.stop = True
+
+
+def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], dict],
+               extra_state: Callable[[], dict] | None = None, on_resume: Callable[[dict], None] | None = None,
+               sample_fn: Callable[[Path, int], None] | None = None) -> dict:
+    """Run `step_fn(step) -> metrics` from the latest complete checkpoint up to cfg.steps.
+
+    `modules` and `optimizers` are what a checkpoint holds. Returns the last metrics with
+    `finished` True when cfg.steps was reached (False when stopped by signal or time budget)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, run_dir / "config.json")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start = 0
+    if (last := checkpoint.latest(run_dir)) is not None:
+        state = checkpoint.load(last, modules, optimizers)
+        start = state["step"]
+        if on_resume:
+            on_resume(state)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(cfg, s), last_epoch=-1)
+                  for o in optimizers.values()]
+    for sch in schedulers:  # fast-forward the schedule to the resumed step
+        for group, base in zip(sch.optimizer.param_groups, sch.base_lrs):
+            group["lr"] = base * lr_factor(cfg, start)
+        sch.last_epoch = start
+    flag, t0, metrics, step = StopFlag(), time.time(), {}, start
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        while step < cfg.steps:
+            metrics = step_fn(step)
+            for sch in schedulers:
+                sch.step()
+            step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                line = {"step": step, "time": round(time.time() - t0, 2),
+                        **{k: round(float(v), 6) for k, v in metrics.items()}}
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+                print(json.dumps(line), flush=True)
+            out_of_time = cfg.max_seconds and time.time() - t0 > cfg.max_seconds
+            if step % cfg.save_every == 0 or step == cfg.steps or flag.stop or out_of_time:
+                checkpoint.save(run_dir, step, modules, optimizers, extra_state() if extra_state else None,
+                                keep=cfg.keep)
+                if sample_fn is not None:
+                    sample_fn(run_dir / "samples", step)
+            if flag.stop or out_of_time:
+                break
+    return {**metrics, "step": step, "finished": step >= cfg.steps}

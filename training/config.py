@@ -1,0 +1,126 @@
+"""Training configs: frozen dataclasses, saved as JSON beside every run.
+
+Every method has one config class; `TrainConfig` holds the fields all of them share. Unknown keys in
+a JSON file or a `--set key=value` override are an error naming the allowed keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = ""
+    run_dir: str = ""  # checkpoints, metrics and samples go here
+    steps: int = 1000  # total optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 200
+    keep: int = 2  # complete checkpoints kept
+    log_every: int = 20
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+
+
+@dataclass(frozen=True)
+class ClipConfig(TrainConfig):
+    method: str = "clip"
+    tokenizer_dir: str = ""
+    hidden_size: int = 128
+    layers: int = 3
+    heads: int = 4
+    patch_size: int = 8
+    projection_dim: int = 128
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    hard_negative_prob: float = 0.5  # fraction of the batch built as pairs differing in one attribute
+    steps: int = 2000
+    save_every: int = 500
+
+
+@dataclass(frozen=True)
+class VaeConfig(TrainConfig):
+    method: str = "vae"
+    block_out_channels: tuple = (32, 64, 64)  # 3 levels: 64x64 -> 16x16
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    kl_weight: float = 1e-6
+    crop: int = 32  # random crop size for training; evaluation uses whole 64x64 images
+    batch_size: int = 32
+    lr: float = 1e-3
+    steps: int = 3000
+    save_every: int = 500
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
+    method: str = "teacher"
+    clip_dir: str = ""  # trained CLIPModel + tokenizer (its text tower conditions the UNet)
+    vae_dir: str = ""
+    block_out_channels: tuple = (32, 96, 160)
+    layers_per_block: int = 1
+    attention_head_dim: int = 4
+    uncond_prob: float = 0.1  # prompt dropout, so CFG and negative prompts have something to use
+    snr_gamma: float = 5.0  # min-SNR loss weighting
+    ema_decay: float = 0.999
+    num_train_timesteps: int = 1000
+    data_size: int = 40000  # pre-rendered (image, prompt) pairs, encoded to latents once
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    steps: int = 12000
+    save_every: int = 500
+
+
+CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TeacherConfig())}
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def from_dict(data: dict):
+    """Build the config of data['method'] from a dict, rejecting unknown keys."""
+    method = data.get("method", "")
+    if method not in CONFIGS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(sorted(CONFIGS))}")
+    cls = type(CONFIGS[method])
+    allowed = set(field_names(cls))
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} for method {method!r}; allowed: {sorted(allowed)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def with_overrides(cfg, pairs: list[str]):
+    """Apply `key=value` strings; the value is parsed as JSON when it can be, else kept as text."""
+    changes = {}
+    allowed = set(field_names(type(cfg)))
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(f"bad override {pair!r}: expected key=value with key one of {sorted(allowed)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        changes[key] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(cfg, **changes)
+
+
+def save_json(cfg, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def load_json(path: str | Path):
+    return from_dict(json.loads(Path(path).read_text()))

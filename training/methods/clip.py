@@ -1,0 +1,134 @@
+"""Tiny CLIP for the shapes world (Radford et al., 2021, "Learning Transferable Visual Models From
+Natural Language Supervision"): symmetric InfoNCE over image-text pairs,
+
+    L = 1/2 [ CE(s * I T^T, Y) + CE(s * T I^T, Y) ],  I, T unit-normalised embeddings, s = exp(logit_scale),
+
+with Y the (row-normalised) matrix of identical captions, so repeated prompts in a batch are not
+counted as negatives. Half of each batch is pairs that differ in one attribute (hard negatives),
+which teaches the towers to bind colors to shapes and to read relations.
+
+The text tower (a `CLIPTextModel`) conditions the UNets; both towers make the CLIP-score reward.
+Images enter as [-1, 1] tensors, which is what the saved `CLIPImageProcessor` (mean = std = 0.5)
+produces from uint8 pixels.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from shapes import COLORS, SHAPES
+from shapes.grammar import NUMBERS, PLURALS
+
+from ..common import to_tensor, train_loop
+from ..data import pool
+
+MAX_TOKENS = 24  # longest grammar prompt is 15 words + bos/eos
+WORDS = sorted({"a", "and", "on", "background", "left", "right", "of", "above", "below", *NUMBERS,
+                *SHAPES, *PLURALS.values(), *COLORS})
+
+
+def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
+    """A CLIPTokenizer whose BPE merges spell every grammar word as one token; other text falls back
+    to single letters, so any prompt is still valid input."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = []
+    for word in WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = symbols[0]
+        for s in symbols[1:]:
+            merges.append(f"{cur} {s}")
+            cur += s
+            vocab.setdefault(cur, len(vocab))
+    raw = out_dir / "raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"),
+                        model_max_length=MAX_TOKENS)
+    tok.save_pretrained(out_dir)
+    return CLIPTokenizer.from_pretrained(out_dir)
+
+
+def build_model(cfg, tokenizer) -> CLIPModel:
+    common = dict(hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+                  num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads)
+    text = dict(common, vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(common, image_size=64, patch_size=cfg.patch_size, num_channels=3)
+    torch.manual_seed(cfg.seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim))
+
+
+def tokenize(tokenizer, prompts) -> dict:
+    return tokenizer(list(prompts), padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt")
+
+
+def contrastive_loss(model: CLIPModel, images: torch.Tensor, tokens: dict, prompts: list[str]) -> torch.Tensor:
+    out = model(pixel_values=images, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    same = torch.tensor([[a == b for b in prompts] for a in prompts], dtype=torch.float32)
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target))
+
+
+@torch.no_grad()
+def retrieval_top1(model: CLIPModel, tokenizer, images: np.ndarray, prompts: list[str], group: int = 100) -> float:
+    """Text-to-image top-1 among `group` candidates (each text's own image is among them)."""
+    model.eval()
+    hits, total = 0, 0
+    for k in range(0, len(prompts) - group + 1, group):
+        tok = tokenize(tokenizer, prompts[k:k + group])
+        out = model(pixel_values=to_tensor(images[k:k + group]), **tok)
+        sims = out.text_embeds @ out.image_embeds.T  # both unit-normalised
+        # a caption that fits several candidates equally (same prompt twice) counts any of them
+        same = torch.tensor([[a == b for b in prompts[k:k + group]] for a in prompts[k:k + group]])
+        hits += int(same[torch.arange(group), sims.argmax(1)].sum())
+        total += group
+    model.train()
+    return hits / max(total, 1)
+
+
+def train(cfg) -> dict:
+    """Train the tiny CLIP; cfg.tokenizer_dir must hold the tokenizer (build_tokenizer)."""
+    tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
+    model = build_model(cfg, tokenizer)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    images, prompts = pool(20000, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+
+    def step(_):
+        n_hard = int(cfg.batch_size * cfg.hard_negative_prob) // 2
+        pairs = rng.integers(len(prompts) // 2, size=n_hard) * 2
+        idx = np.concatenate([pairs, pairs + 1, rng.integers(len(prompts), size=cfg.batch_size - 2 * n_hard)])
+        batch_prompts = [prompts[i] for i in idx]
+        loss = contrastive_loss(model, to_tensor(images[idx]), tokenize(tokenizer, batch_prompts), batch_prompts)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+
+    result = train_loop(cfg, {"clip": model}, {"clip": opt}, step)
+    result["model"] = model
+    result["tokenizer"] = tokenizer
+    return result
+
+
+def export(model: CLIPModel, tokenizer, out_dir: str | Path) -> None:
+    """Save CLIPModel + tokenizer + image processor in the standard hub layout."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+                       do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir)

@@ -1,0 +1,159 @@
+"""Teacher: a text-conditioned latent diffusion UNet (Rombach et al., 2022) trained with
+v-prediction (Salimans & Ho, 2022) on a zero-terminal-SNR schedule (Lin et al., 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed"):
+
+    z_t = a_t z_0 + s_t eps,   v = a_t eps - s_t z_0,   L = w(t) || v_theta(z_t, t, c) - v ||^2,
+
+with min-SNR-gamma weighting (Hang et al., 2023) floored at SNR 1, w = min(max(SNR, 1), gamma) / (SNR + 1),
+so the last timestep (SNR 0: predict the image from pure noise, which sets the background color)
+is trained too. The prompt is dropped with probability `uncond_prob` so classifier-free guidance
+and negative prompts work. An EMA of the weights is what ships.
+
+Conditioning: the last hidden state of the tiny CLIP's text tower, prompts padded to the tokenizer's
+length without an attention mask -- exactly what `StableDiffusionPipeline.encode_prompt` feeds it.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
+
+from shapes import judge, sample_spec, to_prompt
+
+from ..common import to_tensor, train_loop
+from ..data import pool
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
+                clip_sample=False, steps_offset=1)
+
+
+def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
+    """The CLIP text tower as a standalone CLIPTextModel (the UNet's text encoder)."""
+    enc = CLIPTextModel(clip.config.text_config)
+    # transformers 5 puts the transformer's parts on CLIPTextModel itself; older versions nest them
+    getattr(enc, "text_model", enc).load_state_dict(clip.text_model.state_dict())
+    return enc.eval()
+
+
+def build_unet(cfg, cross_attention_dim: int) -> UNet2DConditionModel:
+    torch.manual_seed(cfg.seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=cfg.layers_per_block,
+        # no attention at 16x16 (the costly level on a CPU); cross-attention at 8x8 and 4x4
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=tuple(cfg.block_out_channels), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=16)
+
+
+def sampling_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(**SCHEDULE, set_alpha_to_one=True)
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, prompts) -> torch.Tensor:
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    out = []
+    for k in range(0, len(images), batch):
+        out.append(vae.encode(to_tensor(images[k:k + batch])).latent_dist.mode() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def quick_eval(pipe: StableDiffusionPipeline, n: int, seed: int, steps: int = 20, guidance: float = 5.0):
+    """ShapeEval pass rate of n teacher samples of random prompts, and the images."""
+    rng = np.random.default_rng(seed)
+    specs = [sample_spec(rng, category=None) for _ in range(n)]
+    images = pipe([to_prompt(s) for s in specs], num_inference_steps=steps, guidance_scale=guidance,
+                  guidance_rescale=0.7, height=64, width=64, output_type="np",
+                  generator=torch.Generator().manual_seed(seed)).images
+    images = (images * 255).round().astype(np.uint8)
+    return float(np.mean([judge(s, im)[0] for s, im in zip(specs, images)])), images
+
+
+def train(cfg) -> dict:
+    clip = CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True)
+    tokenizer = CLIPTokenizer.from_pretrained(cfg.clip_dir)
+    text_encoder = text_encoder_from_clip(clip).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False)
+    unet = build_unet(cfg, text_encoder.config.hidden_size)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise_sched = DDPMScheduler(**{**SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps})
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas).clamp_min(1e-8)
+    weight = snr.clamp(min=1.0, max=cfg.snr_gamma) / (snr + 1)
+
+    # latents are computed once per run and kept beside it (safetensors), so a resume skips this
+    cache = Path(cfg.run_dir) / "latents.safetensors"
+    images, prompts = pool(cfg.data_size, seed=cfg.seed + 7)
+    if cache.is_file():
+        latents = load_file(str(cache))["latents"]
+    else:
+        latents = encode_latents(vae, images)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents.contiguous()}, str(cache))
+    rng = np.random.default_rng(cfg.seed + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+
+    def step(i):
+        idx = rng.integers(len(prompts), size=cfg.batch_size)
+        z0 = latents[idx]
+        batch_prompts = ["" if rng.random() < cfg.uncond_prob else prompts[j] for j in idx]
+        cond = encode_text(text_encoder, tokenizer, batch_prompts)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        zt = noise_sched.add_noise(z0, noise, t)
+        target = noise_sched.get_velocity(z0, noise, t)
+        pred = unet(zt, t, cond).sample
+        loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + i) / (10 + i))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+
+    def sample(folder: Path, at_step: int):
+        ema.eval()
+        acc, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), 48, seed=at_step)
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = np.concatenate([np.concatenate(list(imgs[r * 8:(r + 1) * 8]), 1) for r in range(len(imgs) // 8)], 0)
+        Image.fromarray(grid).save(folder / f"step-{at_step:08d}.png")
+        with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
+            f.write(f'{{"step": {at_step}, "sample_shapeeval": {acc:.4f}}}\n')
+        print(f"step {at_step}: quick ShapeEval {acc:.3f}", flush=True)
+
+    result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step, sample_fn=sample)
+    result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return result
+
+
+def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path) -> None:
+    """Save the teacher as a standard StableDiffusionPipeline folder (DiffusionPipeline.from_pretrained)."""
+    make_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)

@@ -1,0 +1,110 @@
+"""Build the whole shapes-64 model family from nothing, stage by stage, resumably.
+
+    python -m training.recipes.shapes --out assets/models/shapes-64 [--work ~/.cache/onestep/shapes]
+        [--stages tokenizer,clip,vae,teacher] [--max-minutes M] [--threads N] [--set clip.steps=100 ...]
+
+Each stage trains in its own run folder under --work (checkpoints outside the work tree), resumes
+from its latest complete checkpoint when run again, and exports its model in the standard hub layout
+under --out when it finishes:
+
+    OUT/clip/      CLIPModel + CLIPTokenizer + CLIPImageProcessor (reward, CLIP score)
+    OUT/vae/       AutoencoderKL
+    OUT/teacher/   StableDiffusionPipeline (text encoder = the CLIP text tower)
+
+OUT/recipe.json records, per stage, the accumulated wall time on this machine, the step reached and
+the stage's measured quality. `--max-minutes` stops a stage with a checkpoint after that long, so a
+long stage can run across sessions; `--export-partial` exports whatever a stopped stage has.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
+from training.data import cache_dir, make_pool
+
+STAGES = ("tokenizer", "clip", "vae", "teacher")
+
+
+def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
+    path = out / "recipe.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    prev = data.get(stage, {})
+    data[stage] = {**prev, **info, "wall_seconds": round(prev.get("wall_seconds", 0) + seconds, 1)}
+    path.write_text(json.dumps(data, indent=2))
+
+
+def _overrides(pairs: list[str], stage: str) -> list[str]:
+    return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
+
+
+def run_stage(stage: str, out: Path, work: Path, args) -> dict:
+    budget = 60 * args.max_minutes if args.max_minutes else 0.0
+    common = dict(run_dir=str(work / stage), threads=args.threads, max_seconds=budget)
+    if stage == "tokenizer":
+        from training.methods.clip import build_tokenizer
+
+        return {"finished": True, "vocab_size": len(build_tokenizer(work / "tokenizer"))}
+    if stage == "clip":
+        from training.methods import clip
+
+        cfg = with_overrides(ClipConfig(tokenizer_dir=str(work / "tokenizer"), **common), _overrides(args.set, stage))
+        res = clip.train(cfg)
+        if res["finished"] or args.export_partial:
+            images, prompts = make_pool(1000, seed=20_000)  # fresh layouts, never trained on
+            res["retrieval_top1_of_100"] = clip.retrieval_top1(res["model"], res["tokenizer"], images, prompts)
+            clip.export(res["model"], res["tokenizer"], out / "clip")
+        return res
+    if stage == "vae":
+        from training.methods import vae
+
+        cfg = with_overrides(VaeConfig(**common), _overrides(args.set, stage))
+        res = vae.train(cfg)
+        if res["finished"] or args.export_partial:
+            vae.export(res["model"], out / "vae")
+        return res
+    if stage == "teacher":
+        from training.methods import teacher
+
+        cfg = with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common),
+                             _overrides(args.set, stage))
+        res = teacher.train(cfg)
+        if res["finished"] or args.export_partial:
+            teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher")
+        return res
+    raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="where the finished models go (e.g. assets/models/shapes-64)")
+    ap.add_argument("--work", default=str(cache_dir() / "shapes"), help="run folders with checkpoints")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {','.join(STAGES)}")
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="stop each stage after this long (resumable)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--set", action="append", default=[], help="stage.key=value config override")
+    ap.add_argument("--export-partial", action="store_true", help="export a stage even if it stopped early")
+    args = ap.parse_args(argv)
+    out, work = Path(args.out), Path(args.work).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        ap.error(f"unknown stages {bad}; allowed: {', '.join(STAGES)}")
+    for stage in stages:
+        t0 = time.time()
+        res = run_stage(stage, out, work, args)
+        info = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+        _record(out, stage, time.time() - t0, info)
+        print(json.dumps({"stage": stage, **info}), flush=True)
+        if not res.get("finished"):
+            print(f"stage {stage} stopped before its last step; run the same command again to resume", flush=True)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
