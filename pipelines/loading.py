@@ -238,6 +238,7 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # e.g. "image processor falls back to PIL" notices
     cls_name = check_folder(path)
     cls = getattr(diffusers, cls_name)
     kwargs = {name: None for name in SKIPPED_COMPONENTS if name in json.loads((path / "model_index.json").read_text())}

@@ -116,11 +116,13 @@ def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, pred
 
 
 def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int], prediction_type: str | None = None,
-            generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None,
+            negative: Conditioning | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Differentiable student sampling: initial noise -> clean latents (scaled, as the UNet sees them).
 
     Re-noising between steps uses `renoise[k]` when given (so a caller can fix it), else noise drawn
-    from `generator`."""
+    from `generator`. With `negative`, the CFG-style baseline: the clean-latent predictions of the two
+    prompts are extrapolated, x0 = x0_neg + w (x0_pos - x0_neg)."""
     ptype = prediction_type or pipe.scheduler.config.prediction_type
     unet = pipe.unet
     x = noise.to(unet.device, unet.dtype)
@@ -129,6 +131,11 @@ def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int],
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         out = unet(x, t_batch, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
         x0 = predict_x0(pipe, out.float(), x.float(), t, ptype)
+        if negative is not None:
+            out_neg = unet(x, t_batch, encoder_hidden_states=negative.prompt_embeds,
+                           added_cond_kwargs=negative.added_cond_kwargs).sample
+            x0_neg = predict_x0(pipe, out_neg.float(), x.float(), t, ptype)
+            x0 = x0_neg + guidance_scale * (x0 - x0_neg)
         if k + 1 < len(timesteps):
             nxt = timesteps[k + 1]
             abar = pipe.scheduler.alphas_cumprod[nxt].to(x.device, torch.float32)
@@ -154,14 +161,19 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def generate(pipe, spec: ModelSpec, prompt: str, *, steps: int | None = None, seed: int = 0, batch_size: int = 1,
-             height: int | None = None, width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
+def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 2.0,
+             steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
+             width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
              prediction_type: str | None = None, conditioning: Conditioning | None = None) -> GenerationResult:
-    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`)."""
-    steps = steps or spec.steps
-    height = height or spec.resolution
-    width = width or spec.resolution
+    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`).
+
+    A negative prompt uses the CFG-style baseline with `guidance_scale`."""
+    steps = spec.steps if steps is None else steps
+    height = spec.resolution if height is None else height
+    width = spec.resolution if width is None else width
     check_inputs(prompt, steps, height, width, seed, batch_size, max_steps=max(MAX_STUDENT_STEPS, spec.steps))
+    if len(negative_prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"negative prompt is {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     if spec.family not in ("sd", "sdxl"):
         return _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch_size)]
@@ -169,6 +181,7 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, steps: int | None = None, se
     t0 = time.perf_counter()
     cond = conditioning or encode_prompt(pipe, [prompt], height, width)
     cond = cond.repeat(batch_size)
+    negative = encode_prompt(pipe, [negative_prompt], height, width).repeat(batch_size) if negative_prompt else None
     _sync(device)
     t1 = time.perf_counter()
     if noise is None:
@@ -177,15 +190,18 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, steps: int | None = None, se
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {latent_shape(pipe, batch_size, height, width)}")
     ts = resolve_timesteps(spec, steps, timesteps, pipe.scheduler.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(seeds[0] + 1)
-    latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen)
+    latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen, negative=negative,
+                      guidance_scale=guidance_scale)
     _sync(device)
     t2 = time.perf_counter()
     images = decode(pipe, latents)
     _sync(device)
     t3 = time.perf_counter()
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
-    settings = {"model": spec.id, "prompt": prompt, "steps": steps, "seed": seed, "batch_size": batch_size,
-                "height": height, "width": width, "timesteps": ts}
+    settings = {"model": spec.id, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
+                "batch_size": batch_size, "height": height, "width": width, "timesteps": ts}
+    if negative_prompt:
+        settings["guidance_scale"] = guidance_scale
     return GenerationResult(to_pil(images), timings, settings)
 
 

@@ -110,9 +110,11 @@ def get(model_id: str) -> ModelSpec:
     """The spec of a registry id, or of a local model folder given by path."""
     if model_id in MODELS:
         return MODELS[model_id]
-    path = Path(model_id).expanduser()
+    path = Path(str(model_id)[:4096]).expanduser()
     if path.is_dir() and (path / "model_index.json").is_file():
         return local_spec(path)
+    if path.exists():  # a file or a bare folder: loading.py says exactly what is wrong with it
+        return ModelSpec(str(model_id), "sd", "student", str(path.resolve()), description="local path")
     raise UnknownModelError(f"unknown model {str(model_id)[:100]!r}; allowed: {', '.join(MODELS)} "
                             "or a local folder holding a model_index.json")
 
@@ -126,10 +128,22 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
     family = "sdxl" if "XL" in cls else "flux" if "Flux" in cls else "sana" if "Sana" in cls else "sd"
     extras = dict(json.loads((Path(path) / "onestep.json").read_text())) if (Path(path) / "onestep.json").is_file() else {}
     return ModelSpec(str(path), family, extras.get("role", role), str(Path(path).resolve()),
-                     teacher=extras.get("teacher"), resolution=extras.get("resolution", 512),
+                     teacher=extras.get("teacher"), resolution=extras.get("resolution", _native_size(Path(path))),
                      steps=extras.get("steps", 1), timesteps=tuple(extras["timesteps"]) if extras.get("timesteps") else None,
                      guidance_scale=extras.get("guidance_scale", 0.0), nasa_alpha=extras.get("nasa_alpha", 0.0),
                      description=f"local {cls} folder")
+
+
+def _native_size(path: Path) -> int:
+    """UNet sample size x VAE scale factor, read from the configs (512 when they do not say)."""
+    import json
+
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        vae = json.loads((path / "vae" / "config.json").read_text())
+        return max(64, int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1))
+    except (OSError, KeyError, ValueError, TypeError):
+        return 512
 
 
 def installed(spec: ModelSpec) -> bool:

@@ -23,9 +23,9 @@ def sample(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", ste
            guidance_scale: float | None = None, guidance_rescale: float | None = None, seed: int = 0,
            batch_size: int = 1, height: int | None = None, width: int | None = None,
            noise: torch.Tensor | None = None) -> GenerationResult:
-    steps = steps or spec.steps
-    height = height or spec.resolution
-    width = width or spec.resolution
+    steps = spec.steps if steps is None else steps
+    height = spec.resolution if height is None else height
+    width = spec.resolution if width is None else width
     guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
     guidance_rescale = spec.guidance_rescale if guidance_rescale is None else guidance_rescale
     check_inputs(prompt, steps, height, width, seed, batch_size, max_steps=MAX_TEACHER_STEPS)

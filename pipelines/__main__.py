@@ -1,0 +1,123 @@
+"""Command line: python -m pipelines {generate,evaluate,prefetch,models} ...
+
+    python -m pipelines generate --model shapes-64 --prompt "a red circle" --seed 1 --out outputs/a.png --json
+    python -m pipelines evaluate --model shapes-64-teacher --prompts assets/prompts/shapeeval.txt --json eval.json
+    python -m pipelines prefetch stabilityai/sd-turbo
+
+Errors are one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .registry import DEFAULT_MODEL, MODELS
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+
+
+def cmd_generate(args) -> int:
+    from .generation import generate, image_settings, save_png
+
+    res = generate(args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
+                   batch_size=args.batch_size, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    out = Path(args.out or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}-{args.seed}.png")
+    paths = []
+    for i, img in enumerate(res.images):
+        path = out if len(res.images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+        paths.append(str(save_png(img, path, image_settings(res.settings, i))))
+    if args.json:
+        print(json.dumps({"settings": res.settings, "timings": res.timings, "files": paths}, indent=2))
+    else:
+        t = res.timings
+        print(f"wrote {', '.join(paths)}  (text {t['text_encoding'] * 1000:.0f} ms, denoise "
+              f"{t['denoising'] * 1000:.0f} ms, decode {t['decoding'] * 1000:.0f} ms)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    summary = evaluate(args.model, prompts, args.images_per_prompt, args.steps, args.seed, args.save_images,
+                       progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_prefetch(args) -> int:
+    from .loading import prefetch
+
+    for path in prefetch(args.model):
+        print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .registry import installed
+
+    for spec in MODELS.values():
+        state = "installed" if installed(spec) else f"missing (python -m pipelines prefetch {spec.id})"
+        print(f"{spec.id:60s} {spec.family:5s} {spec.role:8s} {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipelines", description="OneStep Studio inference CLI")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images; PNGs carry their settings")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="registry id or a local diffusers folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--steps", type=_int, default=None, help="default: the model's")
+    g.add_argument("--height", type=_int, default=None)
+    g.add_argument("--width", type=_int, default=None)
+    g.add_argument("--batch-size", type=_int, default=1)
+    g.add_argument("--guidance-scale", type=float, default=None)
+    g.add_argument("--out", default=None, help="PNG path (batch: _<i> is added)")
+    g.add_argument("--json", action="store_true", help="print settings and timings as JSON")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="ShapeEval over a prompt file")
+    e.add_argument("--model", required=True, help="registry id, local folder, or 'renderer'")
+    e.add_argument("--prompts", required=True)
+    e.add_argument("--images-per-prompt", type=_int, default=4)
+    e.add_argument("--steps", type=_int, default=None)
+    e.add_argument("--seed", type=_int, default=0)
+    e.add_argument("--save-images", default=None)
+    e.add_argument("--json", required=True, help="where the summary JSON goes")
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prefetch", help="download a hub model's safetensors (needs a network)")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_prefetch)
+
+    m = sub.add_parser("models", help="list the registry and what is installed")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""One entry for "make images with model X": students go through `onestep`, teachers through
+`teacher`. Also PNG files that carry their full settings, and reading them back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from . import loading, onestep, teacher
+from .registry import get
+
+SETTINGS_KEY = "onestep-settings"
+
+
+def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: int | None = None, seed: int = 0,
+             batch_size: int = 1, height: int | None = None, width: int | None = None,
+             guidance_scale: float | None = None, device: str | None = None) -> onestep.GenerationResult:
+    """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line."""
+    spec = get(model_id)
+    pipe = loading.load_pipeline(model_id, device=device)
+    if spec.role == "teacher":
+        return teacher.sample(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps,
+                              guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, height=height,
+                              width=width)
+    return onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                            batch_size=batch_size, height=height, width=width,
+                            guidance_scale=2.0 if guidance_scale is None else guidance_scale)
+
+
+def save_png(image: Image.Image, path: str | Path, settings: dict) -> Path:
+    """Write a PNG whose text chunk holds the settings that reproduce it."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(SETTINGS_KEY, json.dumps(settings))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    return path
+
+
+def read_settings(path_or_image) -> dict:
+    """Settings stored by save_png; ValueError if the PNG carries none."""
+    img = path_or_image if isinstance(path_or_image, Image.Image) else Image.open(path_or_image)
+    raw = getattr(img, "text", {}).get(SETTINGS_KEY) or img.info.get(SETTINGS_KEY)
+    if not raw:
+        raise ValueError("this image carries no OneStep Studio settings; only PNGs saved by the app or CLI do")
+    return json.loads(raw)
+
+
+def image_settings(settings: dict, index: int) -> dict:
+    """Settings of image `index` of a batch: its own seed, batch size 1."""
+    return {**settings, "seed": settings["seed"] + index, "batch_size": 1}

@@ -1,0 +1,82 @@
+"""The page's API as a client uses it: bad input gives one-line errors and the next call still works."""
+import socket
+
+import pytest
+from gradio_client import Client
+
+from ui import build_demo, launch_kwargs, queue
+from ui.services import Services, make_services
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd, tmp_path_factory):
+    services = Services(outputs=tmp_path_factory.mktemp("outputs"), default_model=str(tiny_sd),
+                        extra_models=[str(tiny_sd)])
+    demo = build_demo(services)
+    port = free_port()
+    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
+    yield demo, f"http://127.0.0.1:{port}/", services
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+def call(client, model, prompt="a red circle", negative="", seed="1", randomize=False, steps=1, size=64, batch=1):
+    return client.predict(model, prompt, negative, seed, randomize, steps, size, batch, api_name="/generate")
+
+
+def test_valid_generation_writes_png_with_settings(client, served, tiny_sd):
+    from pipelines.generation import read_settings
+
+    gallery, timing, seed = call(client, str(tiny_sd), batch=2)
+    assert len(gallery) == 2 and "images/s" in timing and seed == "1"
+    settings = read_settings(next(served[2].outputs.glob("*-2.png")))
+    assert settings["seed"] == 2 and settings["prompt"] == "a red circle"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"steps": 0}, {"steps": 10**6}, {"size": 100000}, {"seed": "abc"}, {"seed": str(2**70)},
+    {"prompt": "x" * 100_000}, {"model": "no/such-model"}])
+def test_bad_input_gives_one_line_error_then_next_call_works(client, tiny_sd, kwargs):
+    args = {"model": str(tiny_sd)} | kwargs
+    with pytest.raises(Exception) as e:
+        call(client, **args)
+    message = str(e.value).strip()
+    assert message and "\n" not in message and "Traceback" not in message
+    gallery, _, _ = call(client, str(tiny_sd))
+    assert len(gallery) == 1
+
+
+def test_broken_model_folder_error_keeps_serving(client, tiny_sd, copy_model):
+    bad = copy_model(tiny_sd)
+    f = next((bad / "unet").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(Exception, match="truncated"):
+        call(client, str(bad))
+    gallery, _, _ = call(client, str(tiny_sd))
+    assert len(gallery) == 1
+
+
+def test_launch_defaults_are_safe(served):
+    kw = launch_kwargs(served[2])
+    assert kw["server_name"] == "127.0.0.1" and kw["share"] is False and kw["show_error"] is False
+    assert kw["allowed_paths"] == [str(served[2].outputs.resolve())] and kw["max_file_size"]
+
+
+def test_default_model_notice_when_student_missing(monkeypatch):
+    from pipelines import registry
+
+    monkeypatch.setattr(registry, "installed", lambda spec: spec.id == "shapes-64-teacher")
+    svc = make_services()
+    assert svc.default_model == "shapes-64-teacher" and "not built yet" in svc.notice
+    monkeypatch.setattr(registry, "installed", lambda spec: False)
+    assert "No embedded model" in make_services().notice

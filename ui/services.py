@@ -1,0 +1,72 @@
+"""What the tabs need from the rest of the app, passed in explicitly (no module-level state)."""
+from __future__ import annotations
+
+import functools
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines import loading, registry
+from pipelines.registry import UnknownModelError
+
+EMBEDDED_CHAIN = ("shapes-64", "shapes-64-teacher")
+
+
+@dataclass
+class Services:
+    outputs: Path = Path("outputs")
+    default_model: str = registry.DEFAULT_MODEL
+    notice: str = ""  # shown at the top of the page when the default could not be served
+    device: str | None = None
+    extra_models: list[str] = field(default_factory=list)
+
+    def model_choices(self) -> list[str]:
+        return list(dict.fromkeys([self.default_model, *registry.MODELS, *self.extra_models]))
+
+
+def make_services(outputs: str | Path = "outputs", device: str | None = None) -> Services:
+    """Pick the default model: the embedded one-step student, else its teacher (with a notice)."""
+    svc = Services(outputs=Path(outputs), device=device)
+    for model_id in EMBEDDED_CHAIN:
+        if registry.installed(registry.MODELS[model_id]):
+            svc.default_model = model_id
+            if model_id != registry.DEFAULT_MODEL:
+                svc.notice = (f"The embedded one-step student `{registry.DEFAULT_MODEL}` is not built yet; serving "
+                              f"its multi-step teacher `{model_id}` instead. Build the student with "
+                              "`python -m training.recipes.shapes --out assets/models/shapes-64`.")
+            return svc
+    svc.notice = ("No embedded model is installed (assets/models/shapes-64 is missing). Build it with "
+                  "`python -m training.recipes.shapes --out assets/models/shapes-64`, or pick a hub model "
+                  "and fetch it with `python -m pipelines prefetch <id>`.")
+    return svc
+
+
+def user_errors(fn):
+    """Turn our one-line errors into gr.Error so the page shows them (show_error stays False)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, UnknownModelError, loading.LoadError) as e:
+            raise gr.Error(str(e).strip().splitlines()[0][:500] or e.__class__.__name__) from None
+
+    return wrapper
+
+
+def parse_seed(text, randomize: bool) -> int:
+    """Seed from a textbox; a random one when asked."""
+    if randomize:
+        return secrets.randbelow(2**32)
+    raw = str(text).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"seed {raw[:40]!r} is not a whole number; allowed: 0 to {2**32 - 1}") from None
+    if not 0 <= value < 2**32:
+        raise ValueError(f"seed {value} is out of range; allowed: 0 to {2**32 - 1}")
+    return value
