@@ -27,6 +27,7 @@ class TrainConfig:
     log_every: int = 20
     threads: int = 0  # torch threads; 0 keeps torch's default
     max_seconds: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    data_size: int = 20000  # pre-rendered (image, prompt) pairs in the cached pool
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class TeacherConfig(TrainConfig):
     snr_gamma: float = 5.0  # min-SNR loss weighting
     ema_decay: float = 0.999
     num_train_timesteps: int = 1000
-    data_size: int = 40000  # pre-rendered (image, prompt) pairs, encoded to latents once
+    data_size: int = 40000  # pre-rendered pairs, encoded to latents once per run
+    eval_images: int = 48  # quick ShapeEval at each checkpoint (0: none)
     batch_size: int = 64
     lr: float = 5e-4
     warmup: int = 200

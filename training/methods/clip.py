@@ -104,7 +104,7 @@ def train(cfg) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
     model = build_model(cfg, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    images, prompts = pool(20000, seed=cfg.seed)
+    images, prompts = pool(cfg.data_size, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
 
     def step(_):

@@ -141,7 +141,7 @@ def train(cfg) -> dict:
 
     def sample(folder: Path, at_step: int):
         ema.eval()
-        acc, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), 48, seed=at_step)
+        acc, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), cfg.eval_images, seed=at_step)
         folder.mkdir(parents=True, exist_ok=True)
         grid = np.concatenate([np.concatenate(list(imgs[r * 8:(r + 1) * 8]), 1) for r in range(len(imgs) // 8)], 0)
         Image.fromarray(grid).save(folder / f"step-{at_step:08d}.png")
@@ -149,7 +149,8 @@ def train(cfg) -> dict:
             f.write(f'{{"step": {at_step}, "sample_shapeeval": {acc:.4f}}}\n')
         print(f"step {at_step}: quick ShapeEval {acc:.3f}", flush=True)
 
-    result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step, sample_fn=sample)
+    result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step,
+                        sample_fn=sample if cfg.eval_images else None)
     result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     return result
 

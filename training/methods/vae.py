@@ -54,7 +54,7 @@ def set_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
 def train(cfg) -> dict:
     vae = build_model(cfg)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    images, _ = pool(20000, seed=cfg.seed)
+    images, _ = pool(cfg.data_size, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 2)
 
     def step(_):

@@ -1,0 +1,137 @@
+"""Training layer: configs, atomic checkpoints, and a few real steps of each method with resume."""
+import json
+
+import pytest
+import torch
+
+from training import checkpoint
+from training.config import ClipConfig, TeacherConfig, VaeConfig, from_dict, with_overrides
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+
+
+def _metric_steps(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "loss" in line]
+
+
+def test_config_rejects_unknown_keys_and_bad_overrides():
+    with pytest.raises(ValueError, match="unknown config keys"):
+        from_dict({"method": "clip", "stepz": 3})
+    with pytest.raises(ValueError, match="unknown method"):
+        from_dict({"method": "nope"})
+    with pytest.raises(ValueError, match="bad override"):
+        with_overrides(ClipConfig(), ["nokey=1"])
+    cfg = with_overrides(VaeConfig(), ["steps=7", "block_out_channels=[16, 32]"])
+    assert cfg.steps == 7 and cfg.block_out_channels == (16, 32)
+
+
+def test_checkpoint_is_atomic_rotates_and_skips_incomplete(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, {"m": model}, {"m": opt}, keep=2)
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    half = tmp_path / "checkpoints" / "step-00000009"
+    half.mkdir()
+    (half / "model-m.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path).name == "step-00000003"
+    with pytest.raises(ValueError, match="incomplete"):
+        checkpoint.load(half, {"m": model})
+    fresh, fresh_opt = torch.nn.Linear(3, 2), None
+    fresh_opt = torch.optim.AdamW(fresh.parameters())
+    state = checkpoint.load(checkpoint.latest(tmp_path), {"m": fresh}, {"m": fresh_opt})
+    assert state["step"] == 3 and torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def _train_twice(train, cfg, run_dir):
+    first = train(cfg)
+    assert first["finished"] and first["step"] == 2
+    saved = checkpoint.latest(run_dir)
+    second = train(with_overrides(cfg, ["steps=4"]))
+    assert second["finished"] and second["step"] == 4
+    assert _metric_steps(run_dir) == [1, 2, 3, 4]  # resumed at 3, not restarted
+    assert saved.name == "step-00000002" and checkpoint.latest(run_dir).name == "step-00000004"
+    return second
+
+
+def test_clip_trains_and_resumes(tmp_path):
+    from training.methods import clip
+
+    clip.build_tokenizer(tmp_path / "tok")
+    cfg = ClipConfig(run_dir=str(tmp_path / "run"), tokenizer_dir=str(tmp_path / "tok"), steps=2, batch_size=8,
+                     hidden_size=32, layers=1, heads=2, data_size=32, save_every=2, log_every=1, warmup=1)
+    res = _train_twice(clip.train, cfg, tmp_path / "run")
+    assert 0.0 <= clip.retrieval_top1(res["model"], res["tokenizer"], *clip_pool(), group=8) <= 1.0
+    clip.export(res["model"], res["tokenizer"], tmp_path / "clip")
+    assert (tmp_path / "clip" / "model.safetensors").is_file()
+
+
+def clip_pool():
+    from training.data import make_pool
+
+    return make_pool(16, seed=3)
+
+
+def test_vae_trains_and_resumes(tmp_path):
+    from training.methods import vae
+
+    cfg = VaeConfig(run_dir=str(tmp_path / "run"), steps=2, batch_size=4, block_out_channels=(16, 16, 16),
+                    data_size=16, save_every=2, log_every=1, warmup=1)
+    res = _train_twice(vae.train, cfg, tmp_path / "run")
+    assert res["psnr"] > 0 and res["scaling_factor"] > 0
+    assert res["model"].config.scaling_factor == pytest.approx(res["scaling_factor"])
+
+
+def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from training.methods import clip, teacher, vae
+
+    clip.build_tokenizer(tmp_path / "tok")
+    c = clip.train(ClipConfig(run_dir=str(tmp_path / "clip-run"), tokenizer_dir=str(tmp_path / "tok"), steps=1,
+                              batch_size=4, hidden_size=32, layers=1, heads=2, data_size=16, warmup=1))
+    clip.export(c["model"], c["tokenizer"], tmp_path / "clip")
+    v = vae.train(VaeConfig(run_dir=str(tmp_path / "vae-run"), steps=1, batch_size=2,
+                            block_out_channels=(16, 16, 16), data_size=16, warmup=1))
+    vae.export(v["model"], tmp_path / "vae")
+    cfg = TeacherConfig(run_dir=str(tmp_path / "run"), clip_dir=str(tmp_path / "clip"), vae_dir=str(tmp_path / "vae"),
+                        steps=2, batch_size=4, block_out_channels=(16, 32, 32), data_size=16, save_every=2,
+                        log_every=1, warmup=1, eval_images=8)
+    res = _train_twice(teacher.train, cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "samples" / "step-00000004.png").is_file()
+    teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], tmp_path / "teacher")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert out.shape == (1, 64, 64, 3)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+
+
+def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from training.recipes import shapes as recipe
+
+    tiny = ["clip.steps=1", "clip.batch_size=4", "clip.hidden_size=32", "clip.layers=1", "clip.heads=2",
+            "clip.data_size=16", "vae.steps=1", "vae.batch_size=2", "vae.block_out_channels=[16,16,16]",
+            "vae.data_size=16", "teacher.steps=1", "teacher.batch_size=2", "teacher.block_out_channels=[16,32,32]",
+            "teacher.data_size=16", "teacher.eval_images=0"]
+    args = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")] + [a for t in tiny for a in ("--set", t)]
+    assert recipe.main(args) == 0
+    record = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert set(record) == {"tokenizer", "clip", "vae", "teacher"}
+    assert all(r["wall_seconds"] >= 0 and r["finished"] for r in record.values())
+    assert DiffusionPipeline.from_pretrained(tmp_path / "out" / "teacher").unet.config.in_channels == 4
+    # a second run resumes every stage at its last step instead of training again
+    assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=2"]) == 0
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 2
+    with pytest.raises(SystemExit):
+        recipe.main(args + ["--stages", "nope"])
