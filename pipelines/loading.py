@@ -203,23 +203,30 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype | None = None):
-    """Load (or return the cached) diffusers pipeline of a registry id or local folder."""
+def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype | None = None, cache: bool = True):
+    """Load (or return the cached) diffusers pipeline of a registry id or local folder.
+
+    `cache=False` loads a private copy (training mutates its pipeline: adapters, requires_grad)."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     key = (model_id, str(device), str(dtype))
     with _LOCK:
-        if key in _CACHE:
+        if cache and key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     spec = get(model_id)
     path = model_folder(spec)
     pipe = _from_folder(path, spec, dtype).to(device)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SD/SDXL VAEs overflow in fp16; onestep.decode casts latents to the VAE's dtype
     if spec.lora:
         pipe.load_lora_weights(str(_checked(hub_file(*spec.lora))))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
+    if not cache:
+        return pipe
     with _LOCK:
         _CACHE[key] = pipe
         while len(_CACHE) > MAX_LOADED:

@@ -25,6 +25,7 @@ COLOR_MAX_DIST = 95.0  # a pixel farther than this from every palette color has 
 MIN_BACKGROUND_FRACTION = 0.35  # of the border pixels
 MAX_SHAPE_DIST = 4.0  # in prototype standard deviations
 POSITION_BUFFER = 0.1
+BLUR_SIGMAS = (0.0, 0.0, 0.6, 0.9, 1.2)  # edge softness the prototypes are fitted on (pixels)
 
 
 @dataclass(frozen=True)
@@ -93,19 +94,23 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def _prototypes() -> tuple[np.ndarray, np.ndarray]:
     """Mean and spread of shape_features for each shape, from the renderer's own objects seen
-    through the same color labelling as detection (so anti-aliased rims count as they will)."""
+    through the same color labelling as detection (so anti-aliased rims count as they will), sharp
+    and blurred: generated images have soft edges, and a slightly rounded square is still a square."""
     from .render import Placed, SIZE, draw
 
     rng = np.random.default_rng(12345)
     means, stds = [], []
     for shape in SHAPES:
         feats = []
-        for _ in range(80):
+        for _ in range(150):
             half = float(rng.uniform(5.5, 13.0))
             sx, sy = (float(rng.uniform(0.9, 1.1)) for _ in range(2))
             fg, bg = rng.choice(len(COLORS), size=2, replace=False)
             cx, cy = (float(rng.uniform(20, SIZE - 20)) for _ in range(2))
-            img = draw(COLORS[bg], [Placed(shape, COLORS[fg], cx, cy, half, sx, sy)])
+            img = draw(COLORS[bg], [Placed(shape, COLORS[fg], cx, cy, half, sx, sy)]).astype(np.float32)
+            sigma = float(rng.choice(BLUR_SIGMAS))
+            if sigma:
+                img = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
             regions, n = ndimage.label(color_labels(img) == fg)
             if n == 0:
                 continue

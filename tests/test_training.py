@@ -125,11 +125,11 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
             "vae.data_size=16", "teacher.steps=1", "teacher.batch_size=2", "teacher.block_out_channels=[16,32,32]",
             "teacher.data_size=16", "teacher.eval_images=0"]
     args = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")] + [a for t in tiny for a in ("--set", t)]
-    assert recipe.main(args) == 0
+    assert recipe.main(args + ["--stages", "tokenizer,clip,vae,teacher"]) == 0
     record = json.loads((tmp_path / "out" / "recipe.json").read_text())
     assert set(record) == {"tokenizer", "clip", "vae", "teacher"}
     assert all(r["wall_seconds"] >= 0 and r["finished"] for r in record.values())
-    assert DiffusionPipeline.from_pretrained(tmp_path / "out" / "teacher").unet.config.in_channels == 4
+    assert DiffusionPipeline.from_pretrained(tmp_path / "out" / "teacher").unet.config.in_channels == 8
     # a second run resumes every stage at its last step instead of training again
     assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=2"]) == 0
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 2

@@ -57,14 +57,18 @@ class StopFlag:
 
 def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], dict],
                extra_state: Callable[[], dict] | None = None, on_resume: Callable[[dict], None] | None = None,
-               sample_fn: Callable[[Path, int], None] | None = None) -> dict:
+               sample_fn: Callable[[Path, int], None] | None = None, accelerator=None) -> dict:
     """Run `step_fn(step) -> metrics` from the latest complete checkpoint up to cfg.steps.
 
-    `modules` and `optimizers` are what a checkpoint holds. Returns the last metrics with
-    `finished` True when cfg.steps was reached (False when stopped by signal or time budget)."""
+    `modules` (unwrapped) and `optimizers` are what a checkpoint holds. With an `accelerator`, every
+    process resumes from the same checkpoint, only the main one writes checkpoints, logs and samples,
+    and all of them agree on stopping (signal or time budget) at the same step.
+    Returns the last metrics with `finished` True when cfg.steps was reached."""
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, run_dir / "config.json")
+    is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, run_dir / "config.json")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     start = 0
@@ -80,24 +84,33 @@ def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], di
             group["lr"] = base * lr_factor(cfg, start)
         sch.last_epoch = start
     flag, t0, metrics, step = StopFlag(), time.time(), {}, start
-    with open(run_dir / "metrics.jsonl", "a") as log:
+    log = open(run_dir / "metrics.jsonl", "a") if is_main else None
+    try:
         while step < cfg.steps:
             metrics = step_fn(step)
             for sch in schedulers:
                 sch.step()
             step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if log and (step % cfg.log_every == 0 or step == cfg.steps):
                 line = {"step": step, "time": round(time.time() - t0, 2),
                         **{k: round(float(v), 6) for k, v in metrics.items()}}
                 log.write(json.dumps(line) + "\n")
                 log.flush()
                 print(json.dumps(line), flush=True)
-            out_of_time = cfg.max_seconds and time.time() - t0 > cfg.max_seconds
-            if step % cfg.save_every == 0 or step == cfg.steps or flag.stop or out_of_time:
-                checkpoint.save(run_dir, step, modules, optimizers, extra_state() if extra_state else None,
-                                keep=cfg.keep)
-                if sample_fn is not None:
-                    sample_fn(run_dir / "samples", step)
-            if flag.stop or out_of_time:
+            stop = bool(flag.stop or (cfg.max_seconds and time.time() - t0 > cfg.max_seconds))
+            if accelerator is not None and accelerator.num_processes > 1:
+                stop = bool(accelerator.reduce(torch.tensor([float(stop)]), reduction="sum").item() > 0)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop:
+                if is_main:
+                    checkpoint.save(run_dir, step, modules, optimizers, extra_state() if extra_state else None,
+                                    keep=cfg.keep)
+                    if sample_fn is not None:
+                        sample_fn(run_dir / "samples", step)
+                if accelerator is not None:
+                    accelerator.wait_for_everyone()
+            if stop:
                 break
+    finally:
+        if log:
+            log.close()
     return {**metrics, "step": step, "finished": step >= cfg.steps}

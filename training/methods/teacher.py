@@ -43,10 +43,10 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
     return enc.eval()
 
 
-def build_unet(cfg, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_unet(cfg, cross_attention_dim: int, latent_channels: int) -> UNet2DConditionModel:
     torch.manual_seed(cfg.seed)
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=cfg.layers_per_block,
+        sample_size=16, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=cfg.layers_per_block,
         # no attention at 16x16 (the costly level on a CPU); cross-attention at 8x8 and 4x4
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -98,7 +98,7 @@ def train(cfg) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(cfg.clip_dir)
     text_encoder = text_encoder_from_clip(clip).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False)
-    unet = build_unet(cfg, text_encoder.config.hidden_size)
+    unet = build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     noise_sched = DDPMScheduler(**{**SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps})

@@ -3,7 +3,7 @@ Models", sec. 3): x -> q(z|x) = N(mu, sigma^2) -> x_hat, trained with
 
     L = |x - x_hat|_1 + |x - x_hat|_2^2 + beta * KL(q(z|x) || N(0, I)),   beta ~ 1e-6,
 
-on random 32x32 crops of 64x64 shapes renders (3 levels: 64x64 -> 16x16x4). No adversarial or perceptual term: the
+on random 32x32 crops of 64x64 shapes renders (3 levels: 64x64 -> 16x16x8). No adversarial or perceptual term: the
 world is flat colors, and L1 keeps edges sharp. After training, `scaling_factor` is set to
 1/std of the latents so the diffusion model sees unit-variance inputs, as in SD.
 """
@@ -41,6 +41,14 @@ def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 64) -> to
     for k in range(0, len(images), batch):
         outs.append(vae.decode(vae.encode(images[k:k + batch]).latent_dist.mode()).sample)
     return torch.cat(outs).clamp(-1, 1)
+
+
+def reconstruction_shapeeval(reconstructions: torch.Tensor, prompts: list[str]) -> float:
+    """ShapeEval pass rate of reconstructions against the prompts their originals were rendered from."""
+    from shapes import judge
+
+    arr = ((reconstructions.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return float(np.mean([judge(p, a)[0] for p, a in zip(prompts, arr)]))
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Build the whole shapes-64 model family from nothing, stage by stage, resumably.
 
     python -m training.recipes.shapes --out assets/models/shapes-64 [--work ~/.cache/onestep/shapes]
-        [--stages tokenizer,clip,vae,teacher] [--max-minutes M] [--threads N] [--set clip.steps=100 ...]
+        [--stages tokenizer,clip,vae,teacher,report] [--max-minutes M] [--threads N] [--set clip.steps=100 ...]
 
 Each stage trains in its own run folder under --work (checkpoints outside the work tree), resumes
 from its latest complete checkpoint when run again, and exports its model in the standard hub layout
@@ -11,6 +11,8 @@ under --out when it finishes:
     OUT/vae/       AutoencoderKL
     OUT/teacher/   StableDiffusionPipeline (text encoder = the CLIP text tower)
 
+The `report` stage measures the exported family (CLIP retrieval, VAE PSNR and ShapeEval of its
+reconstructions, teacher ShapeEval on both prompt suites) into OUT/report.json.
 OUT/recipe.json records, per stage, the accumulated wall time on this machine, the step reached and
 the stage's measured quality. `--max-minutes` stops a stage with a checkpoint after that long, so a
 long stage can run across sessions; `--export-partial` exports whatever a stopped stage has.
@@ -26,7 +28,7 @@ from pathlib import Path
 from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
-STAGES = ("tokenizer", "clip", "vae", "teacher")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "report")
 
 
 def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
@@ -75,7 +77,38 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         if res["finished"] or args.export_partial:
             teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher")
         return res
+    if stage == "report":
+        return {"finished": True, **report(out, args.report_images)}
     raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+
+
+def report(out: Path, images_per_prompt: int = 4) -> dict:
+    """Measure the exported family against the acceptance lines (written to OUT/report.json)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from pipelines.evaluate import evaluate, read_prompts
+    from training.common import to_tensor
+    from training.methods import clip, vae
+    from diffusers import AutoencoderKL
+
+    result: dict = {}
+    images, prompts = make_pool(1000, seed=20_000)  # layouts never trained on
+    model = CLIPModel.from_pretrained(out / "clip", use_safetensors=True)
+    result["clip_retrieval_top1_of_100"] = clip.retrieval_top1(model, CLIPTokenizer.from_pretrained(out / "clip"),
+                                                               images, prompts)
+    ae = AutoencoderKL.from_pretrained(out / "vae", use_safetensors=True).eval()
+    held, held_prompts = make_pool(512, seed=30_000)
+    rec = vae.reconstruct(ae, to_tensor(held))
+    result["vae_psnr_db"] = float(vae.psnr(rec, to_tensor(held)).mean())
+    result["vae_reconstruction_shapeeval"] = vae.reconstruction_shapeeval(rec, held_prompts)
+    if (out / "teacher" / "model_index.json").is_file():
+        for suite in ("shapeeval", "heldout"):
+            path = Path(__file__).resolve().parents[2] / "assets" / "prompts" / f"{suite}.txt"
+            result[f"teacher_{suite}"] = evaluate(str(out / "teacher"), read_prompts(path), images_per_prompt)
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    flat.update({f"{k}_overall": v["overall"] for k, v in result.items() if isinstance(v, dict)})
+    return flat
 
 
 def main(argv=None) -> int:
@@ -87,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--set", action="append", default=[], help="stage.key=value config override")
     ap.add_argument("--export-partial", action="store_true", help="export a stage even if it stopped early")
+    ap.add_argument("--report-images", type=int, default=4, help="teacher images per prompt in the report stage")
     args = ap.parse_args(argv)
     out, work = Path(args.out), Path(args.work).expanduser()
     out.mkdir(parents=True, exist_ok=True)

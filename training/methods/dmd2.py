@@ -1,0 +1,337 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
+
+A one- or few-step generator G is trained so its samples' distribution matches the teacher's. At a
+random t, with x = G(z) and x_t = a_t x + s_t eps, the reverse-KL gradient is the difference of two
+denoised estimates, the frozen teacher's ("real score", with CFG) and an online "fake score" fitted
+to G's own samples:
+
+    g = (x0_fake(x_t) - x0_real(x_t)) / mean_CHW |x - x0_real(x_t)|,   L_DM = 1/2 || x - sg(x - g) ||^2.
+
+The fake score is trained every step with the teacher's denoising loss on detached samples; the
+generator only every `ratio` steps (two time-scale rule). Optional diffusion GAN: a head on the fake
+score's mid-block features tells noised real latents from noised generated ones
+(D: softplus(D(fake)) + softplus(-D(real)); G: softplus(-D(G(z)))). Few-step students use backward
+simulation: the training input at step k is made by running the current generator k steps from noise.
+
+The generator and the fake score are each a full trainable copy or a peft LoRA; a LoRA fake score
+lives on the frozen teacher itself (adapters off = real score, on = fake score). Runs on 1..N
+processes through accelerate (`accelerate launch -m training.run --config CONFIG.json`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipelines import loading, onestep, registry
+
+from ..common import train_loop
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "time_emb_proj"]
+
+
+class Discriminator(nn.Module):
+    """GAN head on the fake score's mid-block features (any spatial size): convs, pooling, one logit."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = 32 if channels % 32 == 0 else 8 if channels % 8 == 0 else 1
+        self.net = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.SiLU(),
+                                 nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GroupNorm(groups, channels),
+                                 nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).squeeze(1)
+
+
+def add_lora(unet, rank: int, alpha: float, name: str) -> None:
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights="gaussian"),
+                     adapter_name=name)
+
+
+class MidFeatures:
+    """Captures a UNet's mid-block output during a forward pass."""
+
+    def __init__(self, unet):
+        self.value = None
+        unet.mid_block.register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inputs, output):
+        self.value = output[0] if isinstance(output, tuple) else output
+
+
+def _noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+
+
+class Distiller:
+    """Holds the teacher pipeline, the generator, the fake score and their math."""
+
+    def __init__(self, cfg, device):
+        self.cfg = cfg
+        self.pipe = loading.load_pipeline(cfg.teacher, device=str(device), dtype=torch.float32, cache=False)
+        spec = registry.get(cfg.teacher)
+        self.height = cfg.height or spec.resolution
+        self.width = cfg.width or spec.resolution
+        self.teacher = self.pipe.unet.requires_grad_(False)
+        for part in ("vae", "text_encoder", "text_encoder_2"):
+            if getattr(self.pipe, part, None) is not None:
+                getattr(self.pipe, part).requires_grad_(False)
+        self.ptype = self.pipe.scheduler.config.prediction_type
+        self.abar = self.pipe.scheduler.alphas_cumprod.to(device, torch.float32)
+        self.num_t = len(self.abar)
+        torch.manual_seed(cfg.seed)
+        self.generator = copy.deepcopy(self.teacher)
+        if cfg.generator_lora_rank:
+            add_lora(self.generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
+        else:
+            self.generator.requires_grad_(True)
+        if cfg.fake_lora_rank:  # fake score = adapter on the frozen teacher; adapters off = real score
+            add_lora(self.teacher, cfg.fake_lora_rank, cfg.lora_alpha, "fake")
+            self.fake = self.teacher
+        else:
+            self.fake = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.features = MidFeatures(self.fake)
+        self.disc = Discriminator(self.fake.config.block_out_channels[-1]) if cfg.gan_weight > 0 else None
+
+    # --- scores -----------------------------------------------------------------------------
+    def raw(self, unet, x_t, t, cond, adapters: bool | None = None) -> torch.Tensor:
+        """The UNet's output in the teacher's parameterisation (adapters on/off for a LoRA fake score)."""
+        if adapters is not None and getattr(unet, "_hf_peft_config_loaded", False):
+            unet.enable_adapters() if adapters else unet.disable_adapters()
+        return unet(x_t, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+
+    def x0(self, unet, x_t, t, cond, adapters: bool | None = None):
+        return self._to_x0(self.raw(unet, x_t, t, cond, adapters).float(), x_t.float(), t)
+
+    def _to_x0(self, out, x_t, t):
+        a = self.abar[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - self.abar[t]).sqrt().view(-1, 1, 1, 1)
+        if self.ptype == "epsilon":
+            return (x_t - s * out) / a.clamp_min(1e-4)
+        if self.ptype == "v_prediction":
+            return a * x_t - s * out
+        return out
+
+    def add_noise(self, x, eps, t):
+        a = self.abar[t].sqrt().view(-1, 1, 1, 1)
+        return a * x + (1 - self.abar[t]).sqrt().view(-1, 1, 1, 1) * eps
+
+    def target(self, x0, eps, t):
+        """What the teacher's parameterisation predicts at (x_t, t)."""
+        a = self.abar[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - self.abar[t]).sqrt().view(-1, 1, 1, 1)
+        return {"epsilon": eps, "v_prediction": a * eps - s * x0}.get(self.ptype, x0)
+
+    @torch.no_grad()
+    def real_x0(self, x_t, t, cond, uncond):
+        lora_fake = self.fake is self.teacher
+        both = onestep.Conditioning(torch.cat([uncond.prompt_embeds, cond.prompt_embeds]),
+                                    {k: torch.cat([uncond.added_cond_kwargs[k], v]) for k, v in
+                                     cond.added_cond_kwargs.items()} if cond.added_cond_kwargs else None)
+        x0u, x0c = self.x0(self.teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), both,
+                           adapters=False if lora_fake else None).chunk(2)
+        return x0u + self.cfg.real_guidance * (x0c - x0u)
+
+    def dm_loss(self, x, cond, uncond, gen):
+        """Distribution-matching loss; its gradient reaches x only (both scores are evaluated without grad)."""
+        with torch.no_grad():
+            t = torch.randint(self.cfg.min_t, self.cfg.max_t + 1, (x.shape[0],), generator=gen).to(x.device)
+            x_t = self.add_noise(x.detach().float(), _noise_like(x, gen).float(), t)
+            x0_real = self.real_x0(x_t, t, cond, uncond)
+            x0_fake = self.x0(self.fake, x_t, t, cond, adapters=True if self.fake is self.teacher else None)
+            p_real = x.detach().float() - x0_real
+            grad = (x0_fake - x0_real) / p_real.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+            grad = torch.nan_to_num(grad)
+        return 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad))
+
+    def generate_x0(self, unet, noise, cond, k: int, gen):
+        """Backward simulation: run the generator k steps without grad, then step k (caller's grad mode)."""
+        ts = list(self.cfg.timesteps)
+        x = noise
+        with torch.no_grad():
+            for j in range(k):
+                tj = torch.full((x.shape[0],), ts[j], device=x.device, dtype=torch.long)
+                x0 = self.x0(unet, x, tj, cond)
+                tn = torch.full_like(tj, ts[j + 1])
+                x = self.add_noise(x0, _noise_like(x0, gen), tn)
+        tk = torch.full((x.shape[0],), ts[k], device=x.device, dtype=torch.long)
+        return self.x0(unet, x.to(noise.dtype), tk, cond)
+
+    def disc_logits(self, unet, disc, latents, cond, gen):
+        """Noise latents at a random t, run the fake score, classify its mid-block features."""
+        t = torch.randint(0, self.num_t, (latents.shape[0],), generator=gen).to(latents.device)
+        x_t = self.add_noise(latents.float(), _noise_like(latents, gen).float(), t)
+        if self.fake is self.teacher:
+            self.teacher.enable_adapters()
+        unet(x_t, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs)
+        return disc(self.features.value.float())
+
+
+class PromptSource:
+    def __init__(self, spec: str, seed: int):
+        self.rng = np.random.default_rng(seed)
+        if spec == "shapes":
+            self.lines = None
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise ValueError(f"prompts {spec!r} is neither 'shapes' nor a text file")
+            self.lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if not self.lines:
+                raise ValueError(f"prompt file {spec} is empty")
+
+    def sample(self, n: int) -> tuple[list[str], list]:
+        if self.lines is not None:
+            return [self.lines[i] for i in self.rng.integers(len(self.lines), size=n)], []
+        from shapes import sample_spec, to_prompt
+
+        specs = [sample_spec(self.rng) for _ in range(n)]
+        return [to_prompt(s) for s in specs], specs
+
+
+def train(cfg) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if not cfg.teacher:
+        raise ValueError("dmd2 needs `teacher`: a registry id or a diffusers folder")
+    if len(cfg.timesteps) not in (1, 2, 3, 4):
+        raise ValueError(f"timesteps {cfg.timesteps} must hold 1 to 4 values")
+    if cfg.gan_weight > 0 and cfg.prompts != "shapes":
+        raise ValueError("the GAN term needs real images: use prompts='shapes' or gan_weight=0")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision,
+                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = Distiller(cfg, acc.device)
+    gen_params = [p for p in d.generator.parameters() if p.requires_grad]
+    fake_params = [p for p in d.fake.parameters() if p.requires_grad] + (list(d.disc.parameters()) if d.disc else [])
+    opt_g = torch.optim.AdamW(gen_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_f = torch.optim.AdamW(fake_params, lr=cfg.guidance_lr or cfg.lr, weight_decay=cfg.weight_decay)
+    gen_w, fake_w, opt_g, opt_f = acc.prepare(d.generator, d.fake, opt_g, opt_f)
+    disc_w = acc.prepare(d.disc) if d.disc is not None else None
+    prompts = PromptSource(cfg.prompts, cfg.seed + 1000 * acc.process_index)
+    tgen = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
+    shared = np.random.default_rng(cfg.seed)  # same on every process: the backward-simulation step k
+    with torch.no_grad():
+        uncond1 = onestep.encode_prompt(d.pipe, [""], d.height, d.width)
+    shape = onestep.latent_shape(d.pipe, cfg.batch_size, d.height, d.width)
+
+    def encode(texts):
+        with torch.no_grad():
+            return onestep.encode_prompt(d.pipe, texts, d.height, d.width)
+
+    def real_latents(specs):
+        from shapes import render
+
+        from ..common import to_tensor
+
+        imgs = to_tensor(np.stack([render(s, int(shared.integers(2**31))) for s in specs])).to(acc.device)
+        with torch.no_grad():
+            return d.pipe.vae.encode(imgs).latent_dist.sample(tgen) * d.pipe.vae.config.scaling_factor
+
+    def step(i):
+        texts, specs = prompts.sample(cfg.batch_size)
+        cond, uncond = encode(texts), uncond1.repeat(cfg.batch_size)
+        noise = torch.randn(shape, generator=tgen).to(acc.device)
+        k = int(shared.integers(len(cfg.timesteps)))
+        gen_step = i % cfg.ratio == 0
+        metrics = {}
+        with acc.autocast():
+            with nullcontext() if gen_step else torch.no_grad():
+                x = d.generate_x0(gen_w, noise, cond, k, tgen)
+            if gen_step:
+                loss_g = d.dm_loss(x, cond, uncond, tgen)
+                metrics["loss_dm"] = loss_g.item()
+                if disc_w is not None:
+                    for p in fake_params:
+                        p.requires_grad_(False)
+                    gan_g = F.softplus(-d.disc_logits(acc.unwrap_model(fake_w), acc.unwrap_model(disc_w), x, cond,
+                                                      tgen)).mean()
+                    for p in fake_params:
+                        p.requires_grad_(True)
+                    loss_g = loss_g + cfg.gan_weight * gan_g
+                    metrics["loss_gan_g"] = gan_g.item()
+                acc.backward(loss_g)
+                acc.clip_grad_norm_(gen_params, 10.0)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                opt_f.zero_grad(set_to_none=True)
+            xd = x.detach().float()
+            t = torch.randint(0, d.num_t, (xd.shape[0],), generator=tgen).to(acc.device)
+            eps = _noise_like(xd, tgen)
+            # the fake score learns G's distribution with the teacher's own denoising loss
+            out = d.raw(fake_w, d.add_noise(xd, eps, t), t, cond, adapters=True if d.fake is d.teacher else None)
+            loss_f = F.mse_loss(out.float(), d.target(xd, eps, t))
+            loss = loss_f
+            if disc_w is not None:
+                logits_fake = d.disc_logits(fake_w, disc_w, xd, cond, tgen)
+                logits_real = d.disc_logits(fake_w, disc_w, real_latents(specs), cond, tgen)
+                loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
+                loss = loss + cfg.gan_disc_weight * loss_d
+                metrics["loss_d"] = loss_d.item()
+        acc.backward(loss)
+        acc.clip_grad_norm_(fake_params, 10.0)
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+        metrics.update(loss_fake=loss_f.item(), lr=opt_g.param_groups[0]["lr"])
+        return metrics
+
+    modules = {"generator": d.generator, "fake": d.fake}
+    if d.disc is not None:
+        modules["disc"] = d.disc
+    sample = _shapes_eval(cfg, d) if cfg.eval_images else None
+    result = train_loop(cfg, modules, {"generator": opt_g, "fake": opt_f}, step, sample_fn=sample, accelerator=acc)
+    result.update(distiller=d, accelerator=acc)
+    return result
+
+
+def _shapes_eval(cfg, d):
+    def sample(folder: Path, at_step: int):
+        from shapes import judge, sample_spec, to_prompt
+
+        rng = np.random.default_rng(at_step)
+        specs = [sample_spec(rng) for _ in range(cfg.eval_images)]
+        unet = d.generator
+        with torch.no_grad():
+            cond = onestep.encode_prompt(d.pipe, [to_prompt(s) for s in specs], d.height, d.width)
+            noise = onestep.make_noise(d.pipe, list(range(len(specs))), d.height, d.width).to(d.abar.device)
+            x0 = noise
+            for k, t in enumerate(cfg.timesteps):
+                x0 = d.x0(unet, noise if k == 0 else d.add_noise(x0, torch.randn_like(x0), torch.full(
+                    (len(specs),), t, device=x0.device)), torch.full((len(specs),), t, device=x0.device), cond)
+            imgs = onestep.to_pil(onestep.decode(d.pipe, x0))
+        acc = float(np.mean([judge(s, np.asarray(im))[0] for s, im in zip(specs, imgs)]))
+        with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": at_step, "sample_shapeeval": round(acc, 4)}) + "\n")
+    return sample
+
+
+def export(result: dict, cfg, out_dir: str | Path) -> Path:
+    """Write the student as a diffusers folder (teacher's components, generator UNet with any LoRA merged)
+    plus onestep.json, so the registry serves it like any model."""
+    d = result["distiller"]
+    unet = copy.deepcopy(result["accelerator"].unwrap_model(d.generator))
+    if getattr(unet, "_hf_peft_config_loaded", False):
+        unet.fuse_lora()
+        unet.unload_lora()
+    teacher_unet = d.pipe.unet
+    d.pipe.unet = unet
+    try:
+        d.pipe.save_pretrained(Path(out_dir), safe_serialization=True)
+    finally:
+        d.pipe.unet = teacher_unet
+    meta = {"role": "student", "teacher": cfg.teacher, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
+            "resolution": d.height, "method": "dmd2"}
+    (Path(out_dir) / "onestep.json").write_text(json.dumps(meta, indent=2))
+    return Path(out_dir)
