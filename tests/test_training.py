@@ -133,5 +133,12 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     # a second run resumes every stage at its last step instead of training again
     assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=2"]) == 0
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 2
+    # a fresh machine (no run folder): the teacher warm-starts from its export at the recorded step
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "teacher")
+    assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=3"]) == 0
+    assert _metric_steps(tmp_path / "work" / "teacher") == [3]
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 3
     with pytest.raises(SystemExit):
         recipe.main(args + ["--stages", "nope"])

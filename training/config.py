@@ -75,6 +75,8 @@ class TeacherConfig(TrainConfig):
     num_train_timesteps: int = 1000
     data_size: int = 40000  # pre-rendered pairs, encoded to latents once per run
     eval_images: int = 48  # quick ShapeEval at each checkpoint (0: none)
+    init_unet: str = ""  # warm start (no checkpoint in run_dir): a UNet folder, e.g. a partial export
+    init_step: int = 0  # the step that warm start continues from
     batch_size: int = 64
     lr: float = 5e-4
     warmup: int = 200

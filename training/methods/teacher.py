@@ -99,6 +99,9 @@ def train(cfg) -> dict:
     text_encoder = text_encoder_from_clip(clip).requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False)
     unet = build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
+    if cfg.init_unet:  # warm start from an exported EMA (a checkpoint in run_dir still wins)
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_unet, use_safetensors=True,
+                                                                  dtype=torch.float32).state_dict())
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     noise_sched = DDPMScheduler(**{**SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps})
@@ -156,5 +159,7 @@ def train(cfg) -> dict:
 
 
 def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path) -> None:
-    """Save the teacher as a standard StableDiffusionPipeline folder (DiffusionPipeline.from_pretrained)."""
-    make_pipeline(unet, vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)
+    """Save the teacher as a standard StableDiffusionPipeline folder (DiffusionPipeline.from_pretrained).
+    The UNet is stored in fp16 (half the bytes in assets/); loading casts it to the run's dtype."""
+    half = copy.deepcopy(unet).to(torch.float16)
+    make_pipeline(half, vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)

@@ -15,7 +15,9 @@ The `report` stage measures the exported family (CLIP retrieval, VAE PSNR and Sh
 reconstructions, teacher ShapeEval on both prompt suites) into OUT/report.json.
 OUT/recipe.json records, per stage, the accumulated wall time on this machine, the step reached and
 the stage's measured quality. `--max-minutes` stops a stage with a checkpoint after that long, so a
-long stage can run across sessions; `--export-partial` exports whatever a stopped stage has.
+long stage can run across sessions; `--export-partial` exports whatever a stopped stage has. When a
+stage's run folder is gone (a fresh machine), the teacher warm-starts from its committed partial
+export at the step recorded in recipe.json (fresh optimizer state).
 """
 from __future__ import annotations
 
@@ -69,9 +71,15 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
             vae.export(res["model"], out / "vae")
         return res
     if stage == "teacher":
+        from training import checkpoint
         from training.methods import teacher
 
-        cfg = with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common),
+        warm = {}
+        done = json.loads((out / "recipe.json").read_text()).get("teacher", {}) if (out / "recipe.json").is_file() else {}
+        if checkpoint.latest(work / stage) is None and (out / "teacher" / "unet").is_dir() and done.get("step"):
+            # no run checkpoint on this machine: continue from the committed partial export
+            warm = dict(init_unet=str(out / "teacher" / "unet"), init_step=int(done["step"]))
+        cfg = with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common, **warm),
                              _overrides(args.set, stage))
         res = teacher.train(cfg)
         if res["finished"] or args.export_partial:
