@@ -258,6 +258,24 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
         raise LoadError(f"could not load {spec.id}: {first}") from None
 
 
+def load_clip(path: str | Path, device: str | None = None):
+    """A CLIPModel + CLIPTokenizer folder (the CLIP-score / reward model), safetensors only."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    path = Path(path)
+    tensors = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not tensors:
+        pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
+        raise LoadError(f"{path} holds no .safetensors CLIP weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
+    for t in tensors:
+        check_safetensors(t)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if cfg.get("model_type") != "clip":
+        raise LoadError(f"{path} is not a CLIP model folder (config model_type {cfg.get('model_type')!r}; allowed: 'clip')")
+    model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
+    return model.to(device or default_device()), CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
 def loaded() -> list[tuple[str, str, str]]:
     with _LOCK:
         return list(_CACHE)

@@ -57,6 +57,7 @@ def _looks_like_hub_id(source: str) -> bool:
 
 
 SHAPES_DIR = "assets/models/shapes-64"
+SHAPES_CLIP = ROOT / SHAPES_DIR / "clip"  # CLIP score / reward model of the embedded world
 
 MODELS: dict[str, ModelSpec] = {m.id: m for m in [
     ModelSpec("shapes-64", "sd", "student", f"{SHAPES_DIR}/student", teacher="shapes-64-teacher", resolution=64,

@@ -45,6 +45,8 @@ class ClipConfig(TrainConfig):
     hard_negative_prob: float = 0.5  # fraction of the batch built as pairs differing in one attribute
     steps: int = 2000
     save_every: int = 500
+    init_from: str = ""  # continue from an exported CLIP folder: its text tower is kept
+    freeze_text: bool = False  # keep the text transformer fixed (the UNets are conditioned on it)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class VaeConfig(TrainConfig):
     crop: int = 32  # random crop size for training; evaluation uses whole 64x64 images
     batch_size: int = 32
     lr: float = 1e-3
-    steps: int = 2500
+    steps: int = 4000
     save_every: int = 500
 
 
