@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from . import loading, onestep, teacher
+from . import loading, msd, onestep, teacher
 from .registry import get
 
 SETTINGS_KEY = "onestep-settings"
@@ -18,6 +18,10 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
              guidance_scale: float | None = None, device: str | None = None) -> onestep.GenerationResult:
     """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line."""
     spec = get(model_id)
+    if spec.is_local and msd.is_msd(spec.path):
+        return _generate_msd(spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                             batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
+                             device=device)
     pipe = loading.load_pipeline(model_id, device=device)
     if spec.role == "teacher":
         return teacher.sample(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps,
@@ -26,6 +30,17 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
     return onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                             batch_size=batch_size, height=height, width=width,
                             guidance_scale=2.0 if guidance_scale is None else guidance_scale)
+
+
+def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:
+    """Route the prompt to one student of a multi-student folder and run that student."""
+    meta = msd.read(spec.path)
+    first = loading.load_pipeline(str(spec.path / meta["students"][0]), device=device)
+    index = msd.route(meta["router"], [prompt], pipe=first)[0]
+    student = str(spec.path / meta["students"][index])
+    res = generate(student, prompt, device=device, **kwargs)
+    res.settings.update(model=spec.id, student=index)
+    return res
 
 
 def save_png(image: Image.Image, path: str | Path, settings: dict) -> Path:

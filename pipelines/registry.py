@@ -66,6 +66,13 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
     ModelSpec("shapes-64-teacher", "sd", "teacher", f"{SHAPES_DIR}/teacher", resolution=64, steps=25,
               guidance_scale=5.0, guidance_rescale=0.7, licence="Apache-2.0 (trained by this project)",
               memory_gb=0.1, description="embedded multi-step teacher of the shapes world (v-prediction, zero SNR)"),
+    ModelSpec("shapes-64-4step", "sd", "student", f"{SHAPES_DIR}/student-4step", teacher="shapes-64-teacher",
+              resolution=64, steps=4, timesteps=(999, 749, 499, 249), nasa_alpha=0.5,
+              licence="Apache-2.0 (trained by this project)", memory_gb=0.1,
+              description="embedded four-step DMD2 student (backward simulation)"),
+    ModelSpec("shapes-64-msd", "sd", "student", f"{SHAPES_DIR}/msd", teacher="shapes-64-teacher", resolution=64,
+              steps=1, timesteps=(999,), nasa_alpha=0.5, licence="Apache-2.0 (trained by this project)",
+              memory_gb=0.1, description="embedded multi-student (MSD) one-step model, routed by prompt category"),
     ModelSpec("stabilityai/sd-turbo", "sd", "student", "stabilityai/sd-turbo",
               teacher="stabilityai/stable-diffusion-2-1-base", steps=1, timesteps=(999,), nasa_alpha=0.2,
               licence="Stability AI Non-Commercial Research Community License", memory_gb=3.0,
@@ -112,7 +119,7 @@ def get(model_id: str) -> ModelSpec:
     if model_id in MODELS:
         return MODELS[model_id]
     path = Path(str(model_id)[:4096]).expanduser()
-    if path.is_dir() and (path / "model_index.json").is_file():
+    if path.is_dir() and ((path / "model_index.json").is_file() or (path / "msd.json").is_file()):
         return local_spec(path)
     if path.exists():  # a file or a bare folder: loading.py says exactly what is wrong with it
         return ModelSpec(str(model_id), "sd", "student", str(path.resolve()), description="local path")
@@ -124,6 +131,12 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
     """A spec for a diffusers folder outside the registry (family read from its model_index.json)."""
     import json
 
+    if (Path(path) / "msd.json").is_file():  # a multi-student model: its students share one spec
+        meta = json.loads((Path(path) / "msd.json").read_text())
+        return ModelSpec(str(path), "sd", "student", str(Path(path).resolve()), teacher=meta.get("teacher"),
+                         resolution=meta.get("resolution", 512), steps=meta.get("steps", 1),
+                         timesteps=tuple(meta["timesteps"]) if meta.get("timesteps") else None,
+                         description="local multi-student (MSD) folder")
     index = json.loads((Path(path) / "model_index.json").read_text())
     cls = index.get("_class_name", "")
     family = "sdxl" if "XL" in cls else "flux" if "Flux" in cls else "sana" if "Sana" in cls else "sd"
@@ -150,7 +163,7 @@ def _native_size(path: Path) -> int:
 def installed(spec: ModelSpec) -> bool:
     """True when the model's weights are on this machine (local folder present, or hub files cached)."""
     if spec.is_local:
-        return (spec.path / "model_index.json").is_file()
+        return (spec.path / "model_index.json").is_file() or (spec.path / "msd.json").is_file()
     from .loading import hub_cached
 
     return hub_cached(spec)

@@ -109,3 +109,40 @@ def test_accelerate_two_processes_stop_resume(tmp_path, tiny_sd, prompt_file):
     assert steps == [1, 2, 3, 4]
     gen_after = load_file(str(last / "model-generator.safetensors"))
     assert any(not torch.equal(gen_before[k], gen_after[k]) for k in gen_before)
+
+
+def test_msd_smaller_students_with_tsm_are_routed_and_served(tmp_path, tiny_sd):
+    from pipelines import generation, msd as msd_serving, registry
+    from training.config import MsdConfig
+    from training.methods import msd
+
+    cfg = MsdConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "run"), prompts="shapes", steps=1, batch_size=2,
+                    height=64, width=64, ratio=1, warmup=1, lr=1e-3, width_mult=0.5, tsm_steps=2,
+                    groups=(("single_object", "colors", "two_object"), ("counting", "position", "color_attr")))
+    res = msd.train(cfg)
+    assert res["finished"] and res["students"] == 2
+    out = msd.export(res, tmp_path / "msd-model")
+    meta = msd_serving.read(out)
+    assert meta["router"]["type"] == "category"
+    small = registry.get(str(out / "student-0"))
+    assert small.role == "student"
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(out / "student-1" / "unet")
+    assert list(unet.config.block_out_channels) == [4, 8]  # half of the teacher's (8, 16)
+    assert msd_serving.route(meta["router"], ["a red circle", "two blue stars", "a photo of a cat"]) == [0, 1, 0]
+    a = generation.generate(str(out), "two blue stars", height=64, width=64)
+    assert a.settings["student"] == 1 and a.images[0].size == (64, 64)
+    assert registry.get(str(out)).id == str(out)
+
+
+def test_embedding_router_splits_prompts_into_quadrants(tiny_sd):
+    from pipelines import loading, msd as msd_serving
+
+    pipe = loading.load_pipeline(str(tiny_sd))
+    prompts = ["a red circle", "a blue square", "a photo of a cat", "a green dog", "a cat and a dog",
+               "a red square on a blue background", "a photo of a dog", "a green circle"]
+    router = msd_serving.fit_embedding_router(pipe, prompts, 4)
+    routes = msd_serving.route(router, prompts, pipe=pipe)
+    assert all(0 <= r < 4 for r in routes) and len(set(routes)) >= 2
+    assert msd_serving.route(router, prompts, pipe=pipe) == routes  # deterministic

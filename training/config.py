@@ -105,6 +105,9 @@ class Dmd2Config(TrainConfig):
     height: int = 0  # 0: the teacher's native size
     width: int = 0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
+    route: str = ""  # MSD: train only on prompts the router in this msd.json folder sends to `route_index`
+    route_index: int = -1
+    generator_init: str = ""  # a UNet folder to start the generator from (e.g. a smaller TSM student)
     eval_images: int = 0  # ShapeEval of N student images at each checkpoint (shapes-world teachers)
     batch_size: int = 16
     lr: float = 1e-5
@@ -113,7 +116,18 @@ class Dmd2Config(TrainConfig):
     weight_decay: float = 0.01
 
 
-CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TeacherConfig(), Dmd2Config())}
+@dataclass(frozen=True)
+class MsdConfig(Dmd2Config):
+    method: str = "msd"
+    router: str = "category"  # "category" (shapes grammar) or "embedding" (pooled text embedding quadrants)
+    groups: tuple = (("single_object", "colors"), ("two_object", "color_attr"), ("counting", "position"))
+    num_students: int = 4  # for the embedding router: 2 or 4
+    width_mult: float = 1.0  # < 1: smaller students (channels scaled), warmed up by teacher score matching
+    tsm_steps: int = 200  # teacher-score-matching warm-up steps for smaller students
+    tsm_lr: float = 1e-4
+
+
+CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TeacherConfig(), Dmd2Config(), MsdConfig())}
 
 
 def field_names(cls) -> list[str]:

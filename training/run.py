@@ -30,6 +30,12 @@ def main(argv=None) -> int:
         result = dmd2.train(cfg)
         if result["finished"] and args.export and result["accelerator"].is_main_process:
             dmd2.export(result, cfg, args.export)
+    elif cfg.method == "msd":
+        from .methods import msd
+
+        result = msd.train(cfg)
+        if result["finished"] and args.export:
+            msd.export(result, args.export)
     else:
         from .methods import clip, teacher, vae
 

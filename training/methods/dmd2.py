@@ -90,7 +90,13 @@ class Distiller:
         self.abar = self.pipe.scheduler.alphas_cumprod.to(device, torch.float32)
         self.num_t = len(self.abar)
         torch.manual_seed(cfg.seed)
-        self.generator = copy.deepcopy(self.teacher)
+        if cfg.generator_init:  # e.g. a smaller student warmed up by teacher score matching (MSD)
+            from diffusers import UNet2DConditionModel
+
+            self.generator = UNet2DConditionModel.from_pretrained(cfg.generator_init, use_safetensors=True,
+                                                                  dtype=torch.float32).to(device)
+        else:
+            self.generator = copy.deepcopy(self.teacher)
         if cfg.generator_lora_rank:
             add_lora(self.generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
         else:
@@ -178,8 +184,11 @@ class Distiller:
 
 
 class PromptSource:
-    def __init__(self, spec: str, seed: int):
+    """Training prompts: the shapes sampler or a file; with a router, only one student's share."""
+
+    def __init__(self, spec: str, seed: int, router: dict | None = None, route_index: int = -1, pipe=None):
         self.rng = np.random.default_rng(seed)
+        self.router, self.route_index, self.pipe = router, route_index, pipe
         if spec == "shapes":
             self.lines = None
         else:
@@ -187,16 +196,30 @@ class PromptSource:
             if not path.is_file():
                 raise ValueError(f"prompts {spec!r} is neither 'shapes' nor a text file")
             self.lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if self.router is not None:  # a fixed file is filtered once
+                from pipelines import msd
+
+                keep = msd.route(self.router, self.lines, pipe=self.pipe)
+                self.lines = [p for p, r in zip(self.lines, keep) if r == self.route_index]
             if not self.lines:
-                raise ValueError(f"prompt file {spec} is empty")
+                raise ValueError(f"prompt file {spec} has no prompts for this run")
 
     def sample(self, n: int) -> tuple[list[str], list]:
         if self.lines is not None:
             return [self.lines[i] for i in self.rng.integers(len(self.lines), size=n)], []
         from shapes import sample_spec, to_prompt
 
-        specs = [sample_spec(self.rng) for _ in range(n)]
+        specs = []
+        while len(specs) < n:
+            spec = sample_spec(self.rng)
+            if self.router is None or self._mine(to_prompt(spec)):
+                specs.append(spec)
         return [to_prompt(s) for s in specs], specs
+
+    def _mine(self, prompt: str) -> bool:
+        from pipelines import msd
+
+        return msd.route(self.router, [prompt], pipe=self.pipe)[0] == self.route_index
 
 
 def train(cfg) -> dict:
@@ -220,7 +243,12 @@ def train(cfg) -> dict:
     opt_f = torch.optim.AdamW(fake_params, lr=cfg.guidance_lr or cfg.lr, weight_decay=cfg.weight_decay)
     gen_w, fake_w, opt_g, opt_f = acc.prepare(d.generator, d.fake, opt_g, opt_f)
     disc_w = acc.prepare(d.disc) if d.disc is not None else None
-    prompts = PromptSource(cfg.prompts, cfg.seed + 1000 * acc.process_index)
+    router = None
+    if cfg.route:
+        from pipelines import msd
+
+        router = msd.read(cfg.route)["router"]
+    prompts = PromptSource(cfg.prompts, cfg.seed + 1000 * acc.process_index, router, cfg.route_index, d.pipe)
     tgen = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
     shared = np.random.default_rng(cfg.seed)  # same on every process: the backward-simulation step k
     with torch.no_grad():
