@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test browser
+.PHONY: run test browser bench
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,3 +23,6 @@ browser:
 
 test: $(VENV)/.dev browser
 	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.runtime
+	$(PY) -m bench
