@@ -98,6 +98,14 @@ def test_vae_trains_and_resumes(tmp_path):
     res = _train_twice(vae.train, cfg, tmp_path / "run")
     assert res["psnr"] > 0 and res["scaling_factor"] > 0
     assert res["model"].config.scaling_factor == pytest.approx(res["scaling_factor"])
+    # decoder-only fine-tuning (edge-weighted) keeps the encoder, so latents stay valid for the UNets
+    vae.export(res["model"], tmp_path / "vae")
+    tuned = vae.train(with_overrides(cfg, [f"init_from={tmp_path / 'vae'}", "decoder_only=true", "edge_weight=4",
+                                           f"run_dir={tmp_path / 'run2'}", "steps=1"]))["model"]
+    old = res["model"]
+    assert all(torch.equal(a, b) for a, b in zip(old.encoder.state_dict().values(), tuned.encoder.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(old.decoder.state_dict().values(), tuned.decoder.state_dict().values()))
+    assert tuned.config.scaling_factor == pytest.approx(old.config.scaling_factor)
 
 
 def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):

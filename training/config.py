@@ -57,6 +57,9 @@ class VaeConfig(TrainConfig):
     layers_per_block: int = 1
     kl_weight: float = 1e-6
     crop: int = 32  # random crop size for training; evaluation uses whole 64x64 images
+    edge_weight: float = 0.0  # extra loss weight on pixels at shape edges (sharper corners and points)
+    init_from: str = ""  # continue from an exported AutoencoderKL folder
+    decoder_only: bool = False  # train only the decoder: latents (and every UNet trained on them) stay valid
     batch_size: int = 32
     lr: float = 1e-3
     steps: int = 4000

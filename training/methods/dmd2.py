@@ -353,6 +353,7 @@ def export(result: dict, cfg, out_dir: str | Path) -> Path:
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()
+    unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
     teacher_unet = d.pipe.unet
     d.pipe.unet = unet
     try:

@@ -59,9 +59,28 @@ def set_scaling_factor(vae: AutoencoderKL, images: torch.Tensor) -> float:
     return factor
 
 
+def edge_map(x: torch.Tensor) -> torch.Tensor:
+    """1 where a pixel differs from a 4-neighbour (shape boundaries of flat renders), else 0."""
+    d = torch.zeros_like(x[:, :1])
+    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().sum(1, keepdim=True) > 0.05
+    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True) > 0.05
+    d[..., :, 1:] += dx
+    d[..., :, :-1] += dx
+    d[..., 1:, :] += dy
+    d[..., :-1, :] += dy
+    return (d > 0).float()
+
+
 def train(cfg) -> dict:
-    vae = build_model(cfg)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.init_from:
+        vae = AutoencoderKL.from_pretrained(cfg.init_from, use_safetensors=True, dtype=torch.float32)
+    else:
+        vae = build_model(cfg)
+    if cfg.decoder_only:  # keep the latent space: freeze the encoder and its quant conv
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     images, _ = pool(cfg.data_size, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed + 2)
 
@@ -72,7 +91,8 @@ def train(cfg) -> dict:
             x = x[:, :, y0:y0 + cfg.crop, x0:x0 + cfg.crop]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
-        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        weight = 1 + cfg.edge_weight * edge_map(x) if cfg.edge_weight else 1.0
+        rec_loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean()
         kl = post.kl().mean() / x[0].numel()
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -85,7 +105,8 @@ def train(cfg) -> dict:
     vae.eval()
     held, _ = make_pool(256, seed=10_000 + cfg.seed)
     held = to_tensor(held)
-    result["scaling_factor"] = set_scaling_factor(vae, held)
+    if not cfg.decoder_only:  # a frozen encoder keeps its latents' scale
+        result["scaling_factor"] = set_scaling_factor(vae, held)
     result["psnr"] = float(psnr(reconstruct(vae, held), held).mean())
     result["model"] = vae
     return result

@@ -30,7 +30,10 @@ from pathlib import Path
 from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "clip_vision", "report")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "clip_vision", "student", "student_4step", "msd", "report")
+# DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
+STUDENT = dict(prompts="shapes", height=64, width=64, real_guidance=5.0, ratio=5, gan_weight=1e-3, batch_size=16,
+               lr=5e-5, guidance_lr=5e-5, steps=3000, save_every=250, eval_images=48)
 
 
 def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
@@ -98,6 +101,27 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         res = teacher.train(cfg)
         if res["finished"] or args.export_partial:
             teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher")
+        return res
+    if stage in ("student", "student_4step"):
+        from training.config import Dmd2Config
+        from training.methods import dmd2
+
+        timesteps = (999,) if stage == "student" else (999, 749, 499, 249)
+        cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps, **STUDENT, **common),
+                             _overrides(args.set, stage))
+        res = dmd2.train(cfg)
+        if res["finished"] or args.export_partial:
+            dmd2.export(res, cfg, out / stage.replace("_", "-"))
+        return {k: v for k, v in res.items() if k not in ("distiller", "accelerator")}
+    if stage == "msd":
+        from training.config import MsdConfig
+        from training.methods import msd
+
+        cfg = with_overrides(MsdConfig(teacher=str(out / "teacher"), width_mult=0.5, tsm_steps=500, **STUDENT, **common),
+                             _overrides(args.set, stage))
+        res = msd.train(cfg)
+        if res["finished"]:
+            msd.export(res, out / "msd")
         return res
     if stage == "report":
         return {"finished": True, **report(out, args.report_images)}
