@@ -41,3 +41,20 @@ def copy_model(tmp_path):
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tiny_sd, tmp_path_factory):
+    """A one-step DMD2 student of tiny_sd (two training steps), exported with its teacher recorded."""
+    import json
+
+    from training.config import Dmd2Config
+    from training.methods import dmd2
+
+    root = tmp_path_factory.mktemp("student")
+    cfg = Dmd2Config(teacher=str(tiny_sd), run_dir=str(root / "run"), prompts="shapes", steps=2, batch_size=1,
+                     height=64, width=64, warmup=1)
+    out = dmd2.export(dmd2.train(cfg), cfg, root / "tiny-student")
+    meta = json.loads((out / "onestep.json").read_text())
+    (out / "onestep.json").write_text(json.dumps({**meta, "resolution": 64}))
+    return out

@@ -80,3 +80,28 @@ def test_default_model_notice_when_student_missing(monkeypatch):
     assert svc.default_model == "shapes-64-teacher" and "not built yet" in svc.notice
     monkeypatch.setattr(registry, "installed", lambda spec: False)
     assert "No embedded model" in make_services().notice
+
+
+def test_compare_student_beside_teacher_from_same_noise(tiny_student, tmp_path):
+    from pipelines import compare
+
+    res = compare.compare(str(tiny_student), "a red circle", seed=3, teacher_steps=3, guidance_scale=2.0)
+    assert res["student"].image.size == res["teacher"].image.size == (64, 64)
+    assert res["speedup"] > 0 and [x.label for x in res["strip"]] == ["1 step(s)", "2 step(s)", "4 step(s)"]
+    assert res["student"].shapeeval.startswith(("pass", "fail"))  # the prompt is in the grammar
+    assert compare.compare(str(tiny_student), "a photo of a cat", strip=False, teacher_steps=2)["student"].shapeeval == ""
+
+
+def test_compare_api_and_model_without_teacher(tiny_sd, tiny_student, tmp_path):
+    services = Services(outputs=tmp_path / "out", default_model=str(tiny_sd), extra_models=[str(tiny_student)])
+    demo = build_demo(services)
+    port = free_port()
+    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        pair, summary, strip = client.predict(str(tiny_student), "a red circle", "0", 1, 3, 2.0, api_name="/compare")
+        assert len(pair) == 2 and "Speedup" in summary and len(strip) == 3
+        with pytest.raises(Exception, match="no teacher"):
+            client.predict(str(tiny_sd), "a red circle", "0", 1, 3, 2.0, api_name="/compare")
+    finally:
+        demo.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .compare import build_compare
 from .generate import build_generate
 from .services import Services, make_services
 
@@ -18,6 +19,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             gr.Markdown(f"**Notice:** {services.notice}", elem_id="notice")
         with gr.Tabs():
             build_generate(services)
+            build_compare(services)
     demo.services = services
     return demo
 

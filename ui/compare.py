@@ -1,0 +1,62 @@
+"""Compare tab: the one-step student beside its multi-step teacher, from the same noise."""
+from __future__ import annotations
+
+import gradio as gr
+
+from pipelines import compare, registry
+
+from .services import Services, parse_seed, user_errors
+
+
+def caption(item: compare.Scored) -> str:
+    parts = [item.label, f"{item.seconds * 1000:.0f} ms"]
+    if item.clip_score is not None:
+        parts.append(f"CLIP {item.clip_score:.1f}")
+    if item.shapeeval:
+        parts.append(f"ShapeEval {item.shapeeval}")
+    return " · ".join(parts)
+
+
+def build_compare(services: Services) -> dict:
+    students = sorted((m for m in services.model_choices() if _has_teacher(m)), key=lambda m: not _installed(m))
+
+    @user_errors
+    def run(model_id, prompt, seed_text, steps, teacher_steps, guidance):
+        seed = parse_seed(seed_text, False)
+        res = compare.compare(model_id, prompt, seed=seed, steps=int(steps), teacher_steps=int(teacher_steps),
+                              guidance_scale=float(guidance), device=services.device)
+        s, t = res["student"], res["teacher"]
+        summary = (f"**Student** {caption(s)}  \n**Teacher** {caption(t)}  \n"
+                   f"**Speedup** {res['speedup']:.1f}x from the same initial noise")
+        strip = [(x.image, caption(x)) for x in res["strip"]]
+        return [(s.image, caption(s)), (t.image, caption(t))], summary, strip
+
+    with gr.Tab("Compare", id="compare"):
+        with gr.Row():
+            model = gr.Dropdown(students or services.model_choices(), value=students[0] if students else None,
+                                label="Student", allow_custom_value=True, elem_id="compare-model")
+            prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square", elem_id="compare-prompt")
+            seed = gr.Textbox(label="Seed", value="0")
+        with gr.Row():
+            steps = gr.Slider(1, 4, value=1, step=1, label="Student steps")
+            teacher_steps = gr.Slider(1, 100, value=25, step=1, label="Teacher steps")
+            guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Teacher CFG")
+        button = gr.Button("Compare", variant="primary", elem_id="compare-btn")
+        pair = gr.Gallery(label="Student · Teacher", columns=2, height=360, elem_id="compare-pair", format="png")
+        summary = gr.Markdown(elem_id="compare-summary")
+        strip = gr.Gallery(label="Student at 1, 2, 4 steps", columns=3, height=220, elem_id="compare-strip", format="png")
+        button.click(run, [model, prompt, seed, steps, teacher_steps, guidance], [pair, summary, strip],
+                     api_name="compare", concurrency_id="gpu")
+    return {"model": model}
+
+
+def _installed(model_id: str) -> bool:
+    spec = registry.get(model_id)
+    return spec.is_local and registry.installed(spec)
+
+
+def _has_teacher(model_id: str) -> bool:
+    try:
+        return registry.get(model_id).teacher is not None
+    except registry.UnknownModelError:
+        return False
