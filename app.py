@@ -17,9 +17,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="OneStep Studio web UI")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    return ap.parse_args(argv)
+    ap.add_argument("--listen", action="store_true", help="serve on all interfaces (needs --auth)")
+    ap.add_argument("--auth", default=None, help="user:password required to open the page")
+    args = ap.parse_args(argv)
+    if args.auth is not None and ":" not in args.auth:
+        ap.error("--auth must be user:password")
+    if args.listen and not args.auth:
+        ap.error("--listen exposes the app to your network; it needs --auth user:password")
+    return args
+
+
+def host_for(args) -> str:
+    """Loopback unless --listen, or on a Hugging Face Space (which fronts the app itself)."""
+    if args.listen:
+        return "0.0.0.0"
+    if os.environ.get("SPACE_ID"):
+        return os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0")
+    return "127.0.0.1"
 
 
 if __name__ == "__main__":
     args = parse_args()
-    queue(demo).launch(**launch_kwargs(demo.services, port=args.port, share=args.share))
+    kwargs = launch_kwargs(demo.services, host=host_for(args), port=args.port, share=args.share)
+    if args.auth:
+        user, _, password = args.auth.partition(":")
+        kwargs["auth"] = (user, password)
+    queue(demo).launch(**kwargs)

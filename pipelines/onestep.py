@@ -155,7 +155,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def _sync(device) -> None:
+def sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -164,7 +164,7 @@ def _sync(device) -> None:
 def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 2.0,
              steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
              width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
-             prediction_type: str | None = None, conditioning: Conditioning | None = None) -> GenerationResult:
+             prediction_type: str | None = None) -> GenerationResult:
     """Generate `batch_size` images (image i from seed + i, or from `noise[i]`).
 
     A negative prompt uses the CFG-style baseline with `guidance_scale`."""
@@ -179,10 +179,9 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch_size)]
     device = pipe.unet.device
     t0 = time.perf_counter()
-    cond = conditioning or encode_prompt(pipe, [prompt], height, width)
-    cond = cond.repeat(batch_size)
+    cond = encode_prompt(pipe, [prompt], height, width).repeat(batch_size)
     negative = encode_prompt(pipe, [negative_prompt], height, width).repeat(batch_size) if negative_prompt else None
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     if noise is None:
         noise = make_noise(pipe, seeds, height, width)
@@ -192,10 +191,10 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     gen = torch.Generator().manual_seed(seeds[0] + 1)
     latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen, negative=negative,
                       guidance_scale=guidance_scale)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     images = decode(pipe, latents)
-    _sync(device)
+    sync(device)
     t3 = time.perf_counter()
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
     settings = {"model": spec.id, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,

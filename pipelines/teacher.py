@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .onestep import GenerationResult, _sync, check_inputs, make_noise, to_pil
+from .onestep import GenerationResult, check_inputs, make_noise, sync, to_pil
 from .registry import ModelSpec
 
 MAX_TEACHER_STEPS = 200
@@ -46,15 +46,15 @@ def sample(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", ste
                                     do_classifier_free_guidance=cfg, negative_prompt=negative_prompt or None)
     if cfg:
         kwargs["negative_prompt_embeds"] = ne
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     latents = pipe(prompt_embeds=pe, num_inference_steps=steps, guidance_scale=guidance_scale,
                    guidance_rescale=guidance_rescale, height=height, width=width,
                    latents=noise.to(device, pipe.unet.dtype), output_type="latent", **kwargs).images
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample.float()
-    _sync(device)
+    sync(device)
     t3 = time.perf_counter()
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
     settings = {"model": spec.id, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,

@@ -77,8 +77,11 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
     area = float(crop.sum())
     rows = crop.sum(axis=1) / w
     quarter = max(h // 4, 1)
-    # separate runs per row: two lobes (heart top), two legs (star bottom), one arm (cross)
+    # separate runs per row: two lobes (heart top), two legs (star bottom), one arm (cross); the
+    # outermost row is skipped there, since a soft edge leaves it ragged (a triangle's base, say)
     runs = (np.diff(crop.astype(np.int8), axis=1, prepend=0) == 1).sum(axis=1)
+    inner = runs[1:-1] if h > 4 else runs
+    q_in = max(len(inner) // 4, 1)
     return np.array([
         area / (h * w),  # fill: square 1, circle .79, heart ~.7, cross ~.55, triangle .5, star ~.4
         area / max(_hull_area(crop), 1.0),  # solidity: star and cross are far from convex
@@ -86,8 +89,12 @@ def shape_features(mask: np.ndarray) -> np.ndarray:
         ((ys - y0 + 0.5).mean() / h) - 0.5,  # vertical mass balance: triangle low, heart high
         rows[:quarter].mean(),  # width at the top: triangle and star narrow there
         rows[-quarter:].mean(),  # width at the bottom: heart narrow
-        runs[:quarter].mean() - 1,
-        runs[-quarter:].mean() - 1,
+        inner[:q_in].mean() - 1,
+        inner[-q_in:].mean() - 1,
+        # fill of the bounding box's corner cells (thirds): a cross leaves all four empty, a star's legs
+        # reach the bottom ones, a triangle fills the bottom ones, a heart's lobes the top ones
+        (crop[: h // 3, : w // 3].mean() + crop[: h // 3, w - w // 3:].mean()) / 2 if h >= 3 and w >= 3 else 0.0,
+        (crop[h - h // 3:, : w // 3].mean() + crop[h - h // 3:, w - w // 3:].mean()) / 2 if h >= 3 and w >= 3 else 0.0,
     ])
 
 
@@ -119,8 +126,10 @@ def _prototypes() -> tuple[np.ndarray, np.ndarray]:
         feats = np.array(feats)
         means.append(feats.mean(0))
         stds.append(feats.std(0))
-    # a floor on the spread keeps prototypes from being brittle where the renders barely vary
-    return np.array(means), np.maximum(np.array(stds), 0.04)
+    # a floor on the spread keeps prototypes from being brittle where the renders barely vary;
+    # run counts move in steps of whole rows, so theirs is wider
+    floor = np.array([0.04] * 6 + [0.15, 0.15, 0.04, 0.04])
+    return np.array(means), np.maximum(np.array(stds), floor)
 
 
 def classify_shape(mask: np.ndarray) -> tuple[str | None, float]:

@@ -1,5 +1,7 @@
-"""A person's path through the page in headless Debian Chromium (Playwright): type, generate, see an
-image. The screenshot is kept in test-artifacts/ ."""
+"""A person's path through the page in headless Debian Chromium (Playwright): type and see the image
+follow (no click), press Generate, compare student and teacher, and fetch a PNG that carries its
+settings. Screenshots are kept in test-artifacts/ ."""
+import io
 import shutil
 from pathlib import Path
 
@@ -17,29 +19,60 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test installs it as root)")
 
 
-def test_type_prompt_generate_and_see_image(tiny_sd, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture
+def page_at(tiny_student, tmp_path):
+    from playwright.sync_api import sync_playwright
 
-    services = Services(outputs=tmp_path / "outputs", default_model=str(tiny_sd), extra_models=[str(tiny_sd)],
-                        notice="test notice")
+    services = Services(outputs=tmp_path / "outputs", default_model=str(tiny_student),
+                        extra_models=[str(tiny_student)], notice="test notice")
     demo = build_demo(services)
     port = free_port()
     queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
     ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
-            expect(page.locator("#notice")).to_contain_text("test notice")
-            prompt = page.locator("#prompt textarea")
-            prompt.fill("a blue square above a red circle")
-            page.locator("#generate-btn").click()
-            image = page.locator("#gallery img").first
-            expect(image).to_be_visible(timeout=60_000)
-            expect(page.locator("#timing")).to_contain_text("images/s", timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
-            assert list(services.outputs.glob("*.png")), "the image was not written to outputs/"
-            browser.close()
-    finally:
-        demo.close()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        yield page, services
+        browser.close()
+    demo.close()
+
+
+def test_typing_updates_the_image_and_generate_works(page_at):
+    from playwright.sync_api import expect
+
+    page, services = page_at
+    expect(page.locator("#notice")).to_contain_text("test notice")
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("")
+    prompt.press_sequentially("a blue square", delay=30)  # live: no click
+    image = page.locator("#gallery img").first
+    expect(image).to_be_visible(timeout=60_000)
+    expect(page.locator("#timing")).to_contain_text("images/s", timeout=30_000)
+    first = image.get_attribute("src")
+    page.locator("#generate-btn").click()
+    expect(page.locator("#gallery img").first).not_to_have_attribute("src", first, timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
+
+    # the image the page shows is a PNG that carries the settings that made it
+    from PIL import Image
+
+    from pipelines.generation import read_settings
+
+    src = page.locator("#gallery img").first.get_attribute("src")
+    body = page.request.get(src if src.startswith("http") else page.url.rstrip("/") + src).body()
+    settings = read_settings(Image.open(io.BytesIO(body)))
+    assert settings["prompt"] == "a blue square" and "seed" in settings
+    assert list(services.outputs.glob("*.png"))
+
+
+def test_compare_tab_shows_two_images_with_timings(page_at):
+    from playwright.sync_api import expect
+
+    page, _ = page_at
+    page.get_by_role("tab", name="Compare").click()
+    page.locator("#compare-btn").click()
+    expect(page.locator("#compare-pair img")).to_have_count(2, timeout=90_000)
+    expect(page.locator("#compare-summary")).to_contain_text("Speedup", timeout=30_000)
+    expect(page.locator("#compare-summary")).to_contain_text("ms")
+    page.screenshot(path=str(ARTIFACTS / "browser-compare.png"), full_page=True)

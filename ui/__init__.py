@@ -5,6 +5,7 @@ import gradio as gr
 
 from .compare import build_compare
 from .generate import build_generate
+from .models import build_models
 from .services import Services, make_services
 
 TITLE = "OneStep Studio"
@@ -20,6 +21,7 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
         with gr.Tabs():
             build_generate(services)
             build_compare(services)
+            build_models(services)
     demo.services = services
     return demo
 

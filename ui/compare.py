@@ -5,7 +5,7 @@ import gradio as gr
 
 from pipelines import compare, registry
 
-from .services import Services, parse_seed, user_errors
+from .services import Services, gpu, parse_seed, user_errors
 
 
 def caption(item: compare.Scored) -> str:
@@ -20,6 +20,7 @@ def caption(item: compare.Scored) -> str:
 def build_compare(services: Services) -> dict:
     students = sorted((m for m in services.model_choices() if _has_teacher(m)), key=lambda m: not _installed(m))
 
+    @gpu
     @user_errors
     def run(model_id, prompt, seed_text, steps, teacher_steps, guidance):
         seed = parse_seed(seed_text, False)

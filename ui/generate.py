@@ -1,28 +1,36 @@
-"""Generate tab: prompt in, images out, with the time each stage took."""
+"""Generate tab: the image follows the prompt as you type (newest request wins, stale ones are
+dropped), with the time of each stage, a running images/s figure, a history of this browser tab,
+and PNGs that carry their settings (drop one back in to restore and reproduce it)."""
 from __future__ import annotations
 
+import secrets
 import time
 
 import gradio as gr
 
 from pipelines import generation, registry
 
-from .services import Services, parse_seed, user_errors
+from .services import Services, gpu, parse_seed, user_errors
+
+HISTORY_LIMIT = 48
 
 
-def timing_line(timings: dict, n: int) -> str:
+def timing_line(timings: dict, n: int, session: dict | None = None) -> str:
     ms = {k: v * 1000 for k, v in timings.items()}
-    return (f"text encoding {ms['text_encoding']:.0f} ms · denoising {ms['denoising']:.0f} ms · "
+    line = (f"text encoding {ms['text_encoding']:.0f} ms · denoising {ms['denoising']:.0f} ms · "
             f"decoding {ms['decoding']:.0f} ms · total {ms['total']:.0f} ms · "
             f"{n / max(timings['total'], 1e-9):.1f} images/s")
+    if session and session.get("seconds"):
+        line += f" · running {session['images'] / session['seconds']:.1f} images/s over {session['images']} images"
+    return line
 
 
 def build_generate(services: Services) -> dict:
     spec = registry.get(services.default_model)
 
+    @gpu
     @user_errors
-    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size):
-        spec = registry.get(model_id)
+    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size, history, session):
         seed = parse_seed(seed_text, randomize)
         res = generation.generate(model_id, prompt, negative_prompt=negative_prompt or "", steps=int(steps),
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
@@ -31,19 +39,33 @@ def build_generate(services: Services) -> dict:
         files = []
         for i, img in enumerate(res.images):
             settings = generation.image_settings(res.settings, i)
-            path = services.outputs / f"{stamp}-{settings['seed']}.png"
+            # unguessable names: outputs/ is served, and other users must not find this user's images
+            path = services.outputs / f"{stamp}-{secrets.token_hex(8)}-{settings['seed']}.png"
             files.append((str(generation.save_png(img, path, settings)), f"seed {settings['seed']}"))
-        return files, timing_line(res.timings, len(res.images)), str(seed)
+        session = {"images": (session or {}).get("images", 0) + len(files),
+                   "seconds": (session or {}).get("seconds", 0.0) + res.timings["total"]}
+        history = (files + list(history or []))[:HISTORY_LIMIT]
+        return files, timing_line(res.timings, len(files), session), str(seed), history, history, session
+
+    @user_errors
+    def restore(path):
+        """Settings of a dropped OneStep PNG -> the controls (the change events then regenerate it)."""
+        if not path:
+            return [gr.update()] * 7
+        s = generation.read_settings(path)
+        return (s["model"], s["prompt"], s.get("negative_prompt", ""), str(s["seed"]), False, s["steps"],
+                s.get("height", spec.resolution))
 
     def on_model(model_id):
         try:
             s = registry.get(model_id)
         except registry.UnknownModelError:
             return gr.update(), gr.update()
-        max_steps = 50 if s.role == "teacher" else 4
-        return gr.update(value=s.steps, maximum=max_steps), gr.update(value=s.resolution)
+        return gr.update(value=s.steps, maximum=50 if s.role == "teacher" else 4), gr.update(value=s.resolution)
 
     with gr.Tab("Generate", id="generate"):
+        history_state = gr.State([])
+        session_state = gr.State({})
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(services.model_choices(), value=services.default_model, label="Model",
@@ -51,20 +73,40 @@ def build_generate(services: Services) -> dict:
                                     info="a registry id, or the path of a local diffusers folder")
                 prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square", lines=2,
                                     elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", value="", lines=1)
+                negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id="negative")
                 with gr.Row():
                     seed = gr.Textbox(label="Seed", value="0", elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=False)
+                    live = gr.Checkbox(label="Live", value=True, elem_id="live",
+                                       info="regenerate as you type and move sliders")
                 with gr.Row():
                     steps = gr.Slider(1, 50 if spec.role == "teacher" else 4, value=spec.steps, step=1, label="Steps")
                     size = gr.Slider(64, 1024, value=spec.resolution, step=8, label="Size (px)")
                     batch = gr.Slider(1, 16, value=1, step=1, label="Batch")
                 button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                dropped = gr.File(label="Drop a OneStep PNG to restore its settings", file_types=[".png"],
+                                  type="filepath", elem_id="restore")
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Images", columns=4, height=420, elem_id="gallery", format="png")
                 timing = gr.Markdown(elem_id="timing")
+                history_view = gr.Gallery(label="History (this tab)", columns=8, height=160, elem_id="history",
+                                          format="png")
+        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, history_state, session_state]
+        outputs = [gallery, timing, seed, history_state, history_view, session_state]
         model.change(on_model, model, [steps, size], api_visibility="private")
-        inputs = [model, prompt, negative, seed, randomize, steps, size, batch]
-        button.click(run, inputs, [gallery, timing, seed], api_name="generate", concurrency_id="gpu")
-        prompt.submit(run, inputs, [gallery, timing, seed], api_visibility="private", concurrency_id="gpu")
+        button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu")
+        prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu")
+
+        def live_run(on, *args):
+            if not on:
+                return [gr.update()] * len(outputs)
+            return run(*args)
+
+        # live: every keystroke or slider release asks; while one runs, only the newest waits
+        for trigger in (prompt.input, negative.input, steps.release, size.release, batch.release):
+            trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
+                    trigger_mode="always_last", show_progress="hidden")
+        dropped.upload(restore, dropped, [model, prompt, negative, seed, randomize, steps, size],
+                       api_visibility="private").then(run, inputs, outputs, api_visibility="private",
+                                                      concurrency_id="gpu")
     return {"model": model, "prompt": prompt, "gallery": gallery, "timing": timing}

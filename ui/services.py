@@ -43,6 +43,15 @@ def make_services(outputs: str | Path = "outputs", device: str | None = None) ->
     return svc
 
 
+def gpu(fn):
+    """On a ZeroGPU Space, GPU work must run inside spaces.GPU; elsewhere this is the function itself."""
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(fn)
+
+
 def user_errors(fn):
     """Turn our one-line errors into gr.Error so the page shows them (show_error stays False)."""
 
