@@ -37,7 +37,7 @@ def _shapeeval(prompt: str, image) -> str:
 
 def _clip_for(spec: registry.ModelSpec):
     """The CLIP scorer for a model's world, or None when none is installed."""
-    if spec.resolution == 64 and (registry.SHAPES_CLIP / "config.json").is_file():
+    if registry.in_shapes_world(spec) and (registry.SHAPES_CLIP / "config.json").is_file():
         return _cached_clip()
     return None
 

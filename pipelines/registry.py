@@ -148,6 +148,25 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
                      description=f"local {cls} folder")
 
 
+def in_shapes_world(spec: ModelSpec) -> bool:
+    """A model of the embedded world (scored by its tiny CLIP): a shapes-64 id, a folder under
+    assets/models/shapes-64, or a student distilled from one of those."""
+    shapes_root = (ROOT / SHAPES_DIR).resolve()
+    for s in (spec, MODELS.get(spec.teacher or "") or (local_teacher(spec) if spec.teacher else None)):
+        if s is None:
+            continue
+        if s.id.startswith("shapes-64") or (s.is_local and shapes_root in (s.path.resolve(), *s.path.resolve().parents)):
+            return True
+    return False
+
+
+def local_teacher(spec: ModelSpec) -> ModelSpec | None:
+    try:
+        return get(spec.teacher)
+    except UnknownModelError:
+        return None
+
+
 def _native_size(path: Path) -> int:
     """UNet sample size x VAE scale factor, read from the configs (512 when they do not say)."""
     import json

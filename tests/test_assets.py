@@ -40,3 +40,9 @@ def test_recipe_record_lists_every_stage_it_ran():
     record = json.loads((ASSETS / "models" / "shapes-64" / "recipe.json").read_text())
     for stage in ("tokenizer", "clip", "vae", "teacher"):
         assert record[stage]["wall_seconds"] > 0
+
+
+def test_shapes_world_membership():
+    assert registry.in_shapes_world(registry.MODELS["shapes-64-teacher"])
+    assert registry.in_shapes_world(registry.get(str(registry.ROOT / "assets/models/shapes-64/teacher")))
+    assert not registry.in_shapes_world(registry.MODELS["stabilityai/sd-turbo"])

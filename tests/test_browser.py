@@ -32,7 +32,8 @@ def page_at(tiny_student, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle")
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
+        page.locator("#prompt textarea").wait_for(timeout=120_000)
         yield page, services
         browser.close()
     demo.close()

@@ -91,6 +91,7 @@ def test_compare_student_beside_teacher_from_same_noise(tiny_student, tmp_path):
     assert res["speedup"] > 0 and [x.label for x in res["strip"]] == ["1 step(s)", "2 step(s)", "4 step(s)"]
     assert res["student"].shapeeval.startswith(("pass", "fail"))  # the prompt is in the grammar
     assert compare.compare(str(tiny_student), "a photo of a cat", strip=False, teacher_steps=2)["student"].shapeeval == ""
+    assert res["student"].clip_score is None  # not a model of the shapes world: no shapes CLIP score
 
 
 def test_compare_api_and_model_without_teacher(tiny_sd, tiny_student, tmp_path):

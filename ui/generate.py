@@ -30,7 +30,7 @@ def build_generate(services: Services) -> dict:
 
     @gpu
     @user_errors
-    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size, history, session):
+    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size):
         seed = parse_seed(seed_text, randomize)
         res = generation.generate(model_id, prompt, negative_prompt=negative_prompt or "", steps=int(steps),
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
@@ -42,10 +42,16 @@ def build_generate(services: Services) -> dict:
             # unguessable names: outputs/ is served, and other users must not find this user's images
             path = services.outputs / f"{stamp}-{secrets.token_hex(8)}-{settings['seed']}.png"
             files.append((str(generation.save_png(img, path, settings)), f"seed {settings['seed']}"))
-        session = {"images": (session or {}).get("images", 0) + len(files),
-                   "seconds": (session or {}).get("seconds", 0.0) + res.timings["total"]}
-        history = (files + list(history or []))[:HISTORY_LIMIT]
-        return files, timing_line(res.timings, len(files), session), str(seed), history, history, session
+        return files, timing_line(res.timings, len(files)), str(seed), {"files": files, "timings": res.timings}
+
+    def remember(last, history, session):
+        """This tab's history and running images/s (per browser session: other users never see them)."""
+        if not last:
+            return gr.update(), history, session, gr.update()
+        session = {"images": (session or {}).get("images", 0) + len(last["files"]),
+                   "seconds": (session or {}).get("seconds", 0.0) + last["timings"]["total"]}
+        history = (last["files"] + list(history or []))[:HISTORY_LIMIT]
+        return history, history, session, timing_line(last["timings"], len(last["files"]), session)
 
     @user_errors
     def restore(path):
@@ -66,6 +72,7 @@ def build_generate(services: Services) -> dict:
     with gr.Tab("Generate", id="generate"):
         history_state = gr.State([])
         session_state = gr.State({})
+        last_state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(services.model_choices(), value=services.default_model, label="Model",
@@ -91,22 +98,24 @@ def build_generate(services: Services) -> dict:
                 timing = gr.Markdown(elem_id="timing")
                 history_view = gr.Gallery(label="History (this tab)", columns=8, height=160, elem_id="history",
                                           format="png")
-        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, history_state, session_state]
-        outputs = [gallery, timing, seed, history_state, history_view, session_state]
+        inputs = [model, prompt, negative, seed, randomize, steps, size, batch]
+        outputs = [gallery, timing, seed, last_state]
+        after = dict(fn=remember, inputs=[last_state, history_state, session_state],
+                     outputs=[history_view, history_state, session_state, timing], api_visibility="private")
         model.change(on_model, model, [steps, size], api_visibility="private")
-        button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu")
-        prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu")
+        button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu").then(**after)
+        prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
 
         def live_run(on, *args):
             if not on:
-                return [gr.update()] * len(outputs)
+                return gr.update(), gr.update(), gr.update(), None
             return run(*args)
 
         # live: every keystroke or slider release asks; while one runs, only the newest waits
         for trigger in (prompt.input, negative.input, steps.release, size.release, batch.release):
             trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
-                    trigger_mode="always_last", show_progress="hidden")
+                    trigger_mode="always_last", show_progress="hidden").then(**after)
         dropped.upload(restore, dropped, [model, prompt, negative, seed, randomize, steps, size],
                        api_visibility="private").then(run, inputs, outputs, api_visibility="private",
-                                                      concurrency_id="gpu")
+                                                      concurrency_id="gpu").then(**after)
     return {"model": model, "prompt": prompt, "gallery": gallery, "timing": timing}
