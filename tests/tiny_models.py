@@ -2,34 +2,20 @@
 real diffusers/transformers classes at toy sizes, a CLIPTokenizer from a local vocab file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "cat", "dog", "photo", "of", "and", "on", "background"]
 
 
 def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = []
-    for w in WORDS:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = syms[0]
-        for s in syms[1:]:
-            merges.append(f"{cur} {s}")
-            cur += s
-            vocab.setdefault(cur, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=16)
+    from training.methods.clip import word_tokenizer
+
+    return word_tokenizer(folder, WORDS, max_length=16, chars="abcdefghijklmnopqrstuvwxyz")
 
 
 def _text_config(tok, hidden=32, projection=None) -> CLIPTextConfig:

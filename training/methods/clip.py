@@ -27,35 +27,41 @@ from shapes.grammar import NUMBERS, PLURALS
 from ..common import to_tensor, train_loop
 from ..data import pool
 
-MAX_TOKENS = 24  # longest grammar prompt is 15 words + bos/eos
+MAX_TOKENS = 24  # bos + 22 content tokens + eos
 WORDS = sorted({"a", "and", "on", "background", "left", "right", "of", "above", "below", *NUMBERS,
                 *SHAPES, *PLURALS.values(), *COLORS})
 
 
-def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
-    """A CLIPTokenizer whose BPE merges spell every grammar word as one token; other text falls back
-    to single letters, so any prompt is still valid input."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def word_tokenizer(folder: str | Path, words, max_length: int,
+                   chars: str = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-") -> CLIPTokenizer:
+    """A CLIPTokenizer from a local vocab with BPE merges that build each of `words`; other text falls
+    back to single characters, so any prompt is valid input. BPE applies merges by rank, so a merge
+    learnt for one word can pre-empt another's: most words become one token, some a few pieces."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'-":
+    for ch in chars:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     merges = []
-    for word in WORDS:
+    for word in words:
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         cur = symbols[0]
         for s in symbols[1:]:
             merges.append(f"{cur} {s}")
             cur += s
             vocab.setdefault(cur, len(vocab))
-    raw = out_dir / "raw"
-    raw.mkdir(exist_ok=True)
-    (raw / "vocab.json").write_text(json.dumps(vocab))
-    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(vocab=str(raw / "vocab.json"), merges=str(raw / "merges.txt"),
-                        model_max_length=MAX_TOKENS)
-    tok.save_pretrained(out_dir)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def build_tokenizer(out_dir: str | Path) -> CLIPTokenizer:
+    """The shapes world's tokenizer. 29 of its 34 grammar words are single tokens; orange, three,
+    squares, triangle(s) split into 3-6 pieces. The longest evaluation prompt takes 20 of the 22
+    content positions; one random training prompt in 20,000 loses its last token."""
+    out_dir = Path(out_dir)
+    word_tokenizer(out_dir / "raw", WORDS, MAX_TOKENS).save_pretrained(out_dir)
     return CLIPTokenizer.from_pretrained(out_dir)
 
 

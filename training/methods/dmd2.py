@@ -222,6 +222,15 @@ class PromptSource:
         return msd.route(self.router, [prompt], pipe=self.pipe)[0] == self.route_index
 
 
+def _update(acc, loss, params, opt, *also_zero) -> None:
+    """Backward, clip to 10 (DMD2's norm), step; zero this optimizer's grads and any others'."""
+    acc.backward(loss)
+    acc.clip_grad_norm_(params, 10.0)
+    opt.step()
+    for o in (opt, *also_zero):
+        o.zero_grad(set_to_none=True)
+
+
 def train(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -290,11 +299,7 @@ def train(cfg) -> dict:
                         p.requires_grad_(True)
                     loss_g = loss_g + cfg.gan_weight * gan_g
                     metrics["loss_gan_g"] = gan_g.item()
-                acc.backward(loss_g)
-                acc.clip_grad_norm_(gen_params, 10.0)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                opt_f.zero_grad(set_to_none=True)
+                _update(acc, loss_g, gen_params, opt_g, opt_f)
             xd = x.detach().float()
             t = torch.randint(0, d.num_t, (xd.shape[0],), generator=tgen).to(acc.device)
             eps = _noise_like(xd, tgen)
@@ -308,10 +313,7 @@ def train(cfg) -> dict:
                 loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
                 loss = loss + cfg.gan_disc_weight * loss_d
                 metrics["loss_d"] = loss_d.item()
-        acc.backward(loss)
-        acc.clip_grad_norm_(fake_params, 10.0)
-        opt_f.step()
-        opt_f.zero_grad(set_to_none=True)
+        _update(acc, loss, fake_params, opt_f)
         metrics.update(loss_fake=loss_f.item(), lr=opt_g.param_groups[0]["lr"])
         return metrics
 
