@@ -84,7 +84,8 @@ def build_generate(services: Services) -> dict:
                 with gr.Row():
                     seed = gr.Textbox(label="Seed", value="0", elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=False)
-                    live = gr.Checkbox(label="Live", value=True, elem_id="live",
+                    # live by default for one-step students; a multi-step teacher takes seconds per image
+                    live = gr.Checkbox(label="Live", value=spec.role == "student", elem_id="live",
                                        info="regenerate as you type and move sliders")
                 with gr.Row():
                     steps = gr.Slider(1, 50 if spec.role == "teacher" else 4, value=spec.steps, step=1, label="Steps")
