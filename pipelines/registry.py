@@ -5,7 +5,7 @@ what family it is, its defaults, and who its teacher is.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,6 @@ class ModelSpec:
     lora: tuple[str, str] | None = None  # (repo, file) of a safetensors LoRA fused into the base
     unet: tuple[str, str] | None = None  # (repo, file) of a replacement UNet checkpoint
     description: str = ""
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def is_local(self) -> bool:

@@ -6,7 +6,7 @@ color attribution); every prompt may end in `` on a <color> background``. Prompt
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -43,7 +43,6 @@ class Spec:
     count: int = 1  # counting prompts: how many of objects[0]
     relation: str | None = None  # position prompts: objects[0] <relation> objects[1]
     background: str | None = None
-    extras: dict = field(default_factory=dict, compare=False, hash=False)
 
     def instances(self) -> list[ObjectSpec]:
         """The objects a faithful image contains, one entry per object."""
