@@ -332,14 +332,11 @@ def _shapes_eval(cfg, d):
 
         rng = np.random.default_rng(at_step)
         specs = [sample_spec(rng) for _ in range(cfg.eval_images)]
-        unet = d.generator
         with torch.no_grad():
             cond = onestep.encode_prompt(d.pipe, [to_prompt(s) for s in specs], d.height, d.width)
             noise = onestep.make_noise(d.pipe, list(range(len(specs))), d.height, d.width).to(d.abar.device)
-            x0 = noise
-            for k, t in enumerate(cfg.timesteps):
-                x0 = d.x0(unet, noise if k == 0 else d.add_noise(x0, torch.randn_like(x0), torch.full(
-                    (len(specs),), t, device=x0.device)), torch.full((len(specs),), t, device=x0.device), cond)
+            # all steps = backward simulation up to the last one
+            x0 = d.generate_x0(d.generator, noise, cond, len(cfg.timesteps) - 1, torch.Generator().manual_seed(at_step))
             imgs = onestep.to_pil(onestep.decode(d.pipe, x0))
         acc = float(np.mean([judge(s, np.asarray(im))[0] for s, im in zip(specs, imgs)]))
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:

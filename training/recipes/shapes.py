@@ -48,6 +48,18 @@ def _overrides(pairs: list[str], stage: str) -> list[str]:
     return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
 
 
+def _finish_clip(res: dict, out: Path, export_partial: bool) -> dict:
+    """Measure retrieval on fresh layouts (never trained on) and export, when the stage finished."""
+    from training.methods import clip
+
+    if res["finished"] or export_partial:
+        images, prompts = make_pool(1000, seed=20_000)
+        top1 = clip.retrieval_top1(res["model"], res["tokenizer"], images, prompts)
+        res.update({f"retrieval_top1_of_100_{k}": v for k, v in top1.items()})
+        clip.export(res["model"], res["tokenizer"], out / "clip")
+    return res
+
+
 def run_stage(stage: str, out: Path, work: Path, args) -> dict:
     budget = 60 * args.max_minutes if args.max_minutes else 0.0
     common = dict(run_dir=str(work / stage), threads=args.threads, max_seconds=budget)
@@ -60,12 +72,7 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
 
         cfg = with_overrides(ClipConfig(tokenizer_dir=str(work / "tokenizer"), **common), _overrides(args.set, stage))
         res = clip.train(cfg)
-        if res["finished"] or args.export_partial:
-            images, prompts = make_pool(1000, seed=20_000)  # fresh layouts, never trained on
-            top1 = clip.retrieval_top1(res["model"], res["tokenizer"], images, prompts)
-            res.update({f"retrieval_top1_of_100_{k}": v for k, v in top1.items()})
-            clip.export(res["model"], res["tokenizer"], out / "clip")
-        return res
+        return _finish_clip(res, out, args.export_partial)
     if stage == "clip_vision":
         # a finer image tower (4px patches) trained against the frozen text tower the teacher uses
         from training.methods import clip
@@ -73,12 +80,7 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         cfg = with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), init_from=str(out / "clip"), freeze_text=True,
                                         patch_size=4, steps=3000, **common), _overrides(args.set, stage))
         res = clip.train(cfg)
-        if res["finished"] or args.export_partial:
-            images, prompts = make_pool(1000, seed=20_000)
-            top1 = clip.retrieval_top1(res["model"], res["tokenizer"], images, prompts)
-            res.update({f"retrieval_top1_of_100_{k}": v for k, v in top1.items()})
-            clip.export(res["model"], res["tokenizer"], out / "clip")
-        return res
+        return _finish_clip(res, out, args.export_partial)
     if stage == "vae":
         from training.methods import vae
 
