@@ -61,10 +61,22 @@ def _score(spec, prompt: str, item: Scored) -> Scored:
     return item
 
 
+def _negative_label(settings: dict) -> str:
+    if not settings.get("negative_prompt"):
+        return ""
+    if settings["negative_mode"] == "nasa":
+        return f" · NASA α {settings['nasa_alpha']:g}"
+    return f" · negative by CFG {settings['guidance_scale']:g}"
+
+
 def compare(student_id: str, prompt: str, *, seed: int = 0, steps: int | None = None, teacher_steps: int | None = None,
             guidance_scale: float | None = None, negative_prompt: str = "", strip: bool = True,
-            device: str | None = None) -> dict:
-    """Run student and teacher from one noise; returns {'student', 'teacher', 'speedup', 'strip'}."""
+            device: str | None = None, negative_mode: str = "nasa", nasa_alpha: float | None = None) -> dict:
+    """Run student and teacher from one noise; returns {'student', 'teacher', 'speedup', 'strip'}.
+
+    A negative prompt reaches the student through `negative_mode` (NASA at `nasa_alpha`, None: the
+    model's default, or the CFG baseline) and the teacher through its CFG."""
+    onestep.check_negative(negative_mode, nasa_alpha)
     spec = registry.get(student_id)
     if not spec.teacher:
         raise ValueError(f"{student_id} has no teacher to compare with; pick a student with a teacher "
@@ -74,12 +86,14 @@ def compare(student_id: str, prompt: str, *, seed: int = 0, steps: int | None = 
     tpipe = loading.load_pipeline(spec.teacher, device=device)
     height = width = spec.resolution
     noise = onestep.make_noise(spipe, [seed], height, width)
-    s = onestep.generate(spipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed, height=height,
-                         width=width, noise=noise)
+    negative = dict(negative_prompt=negative_prompt, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
+    s = onestep.generate(spipe, spec, prompt, steps=steps, seed=seed, height=height, width=width, noise=noise,
+                         **negative)
     t = teacher.sample(tpipe, tspec, prompt, negative_prompt=negative_prompt, steps=teacher_steps,
                        guidance_scale=guidance_scale, seed=seed, height=height, width=width, noise=noise)
     out = {
-        "student": _score(spec, prompt, Scored(s.images[0], s.timings["total"], f"{spec.id} · {s.settings['steps']} step(s)",
+        "student": _score(spec, prompt, Scored(s.images[0], s.timings["total"],
+                                               f"{spec.id} · {s.settings['steps']} step(s){_negative_label(s.settings)}",
                                                timings=s.timings)),
         "teacher": _score(tspec, prompt, Scored(t.images[0], t.timings["total"],
                                                 f"{tspec.id} · {t.settings['steps']} steps · CFG {t.settings['guidance_scale']}",
@@ -89,7 +103,7 @@ def compare(student_id: str, prompt: str, *, seed: int = 0, steps: int | None = 
     out["strip"] = []
     if strip:
         for n in STRIP_STEPS:
-            r = onestep.generate(spipe, spec, prompt, negative_prompt=negative_prompt, steps=n, seed=seed,
-                                 height=height, width=width, noise=noise, timesteps=None)
+            r = onestep.generate(spipe, spec, prompt, steps=n, seed=seed, height=height, width=width, noise=noise,
+                                 timesteps=None, **negative)
             out["strip"].append(_score(spec, prompt, Scored(r.images[0], r.timings["total"], f"{n} step(s)")))
     return out

@@ -9,23 +9,30 @@ Each step predicts the clean latent from the noisy one with the scheduler's para
 
 `denoise` is differentiable: gradients flow from the image back to the initial noise (ReNO uses it).
 `generate` wraps it with no_grad, timing per stage, seeds and input checks.
+
+A negative prompt works in one of two ways (`negative_mode`): "nasa" (the default) subtracts the
+negative prompt's cross-attention output inside the one forward pass (`nasa.py`); "cfg" is the
+baseline that extrapolates the clean-latent predictions of two passes, x0 = x0_neg + w (x0_pos - x0_neg).
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .registry import ModelSpec
+from . import nasa
+from .registry import DEFAULT_NASA_ALPHA, ModelSpec
 
 MAX_PROMPT_CHARS = 1000
 MAX_BATCH = 16
 MAX_SEED = 2**32 - 1
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_STUDENT_STEPS = 4
+NEGATIVE_MODES = ("nasa", "cfg")
 
 
 @dataclass
@@ -66,6 +73,14 @@ def check_inputs(prompt: str, steps: int, height: int, width: int, seed: int, ba
     for name, value in (("height", height), ("width", width)):
         if value % 8:
             raise ValueError(f"{name} {value} is not a multiple of 8; allowed: multiples of 8 from {MIN_SIDE} to {MAX_SIDE}")
+
+
+def check_negative(negative_mode: str, nasa_alpha) -> None:
+    """Raise a one-line ValueError for a negative mode or NASA alpha outside what is allowed."""
+    if negative_mode not in NEGATIVE_MODES:
+        raise ValueError(f"negative mode {str(negative_mode)[:40]!r} is not supported; allowed: {', '.join(NEGATIVE_MODES)}")
+    if nasa_alpha is not None:
+        nasa.check_alpha(nasa_alpha)
 
 
 def default_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -117,15 +132,28 @@ def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, pred
 
 def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int], prediction_type: str | None = None,
             generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None,
-            negative: Conditioning | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+            negative: Conditioning | None = None, guidance_scale: float = 1.0, negative_mode: str = "nasa",
+            nasa_alpha: float | None = None) -> torch.Tensor:
     """Differentiable student sampling: initial noise -> clean latents (scaled, as the UNet sees them).
 
     Re-noising between steps uses `renoise[k]` when given (so a caller can fix it), else noise drawn
-    from `generator`. With `negative`, the CFG-style baseline: the clean-latent predictions of the two
-    prompts are extrapolated, x0 = x0_neg + w (x0_pos - x0_neg)."""
+    from `generator`. With `negative` and negative_mode "nasa", every UNet call steers away from it in
+    cross-attention with strength `nasa_alpha` (None: DEFAULT_NASA_ALPHA; its batch may be 1 for all
+    images); with "cfg", the baseline: the clean-latent predictions of the two prompts are extrapolated,
+    x0 = x0_neg + w (x0_pos - x0_neg)."""
+    nasa_alpha = DEFAULT_NASA_ALPHA if nasa_alpha is None else nasa_alpha
+    check_negative(negative_mode, nasa_alpha)
     ptype = prediction_type or pipe.scheduler.config.prediction_type
     unet = pipe.unet
     x = noise.to(unet.device, unet.dtype)
+    use_nasa = negative is not None and negative_mode == "nasa"
+    with nasa.applied(unet, negative.prompt_embeds, nasa_alpha) if use_nasa else nullcontext():
+        return _sample(pipe, cond, x, timesteps, ptype, generator, renoise, None if use_nasa else negative,
+                       guidance_scale)
+
+
+def _sample(pipe, cond, x, timesteps, ptype, generator, renoise, negative, guidance_scale) -> torch.Tensor:
+    unet = pipe.unet
     x0 = x
     for k, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -164,23 +192,32 @@ def sync(device) -> None:
 def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 2.0,
              steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
              width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
-             prediction_type: str | None = None) -> GenerationResult:
+             prediction_type: str | None = None, negative_mode: str = "nasa",
+             nasa_alpha: float | None = None) -> GenerationResult:
     """Generate `batch_size` images (image i from seed + i, or from `noise[i]`).
 
-    A negative prompt uses the CFG-style baseline with `guidance_scale`."""
+    A negative prompt steers away with NASA at `nasa_alpha` (None: the model's default,
+    `spec.nasa_alpha`), or with negative_mode "cfg" through the CFG-style baseline at `guidance_scale`."""
     steps = spec.steps if steps is None else steps
     height = spec.resolution if height is None else height
     width = spec.resolution if width is None else width
+    nasa_alpha = spec.nasa_alpha if nasa_alpha is None else nasa_alpha
     check_inputs(prompt, steps, height, width, seed, batch_size, max_steps=max(MAX_STUDENT_STEPS, spec.steps))
+    if not isinstance(negative_prompt, str):
+        raise ValueError("negative prompt must be text")
     if len(negative_prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"negative prompt is {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    check_negative(negative_mode, nasa_alpha)
     if spec.family not in ("sd", "sdxl"):
         return _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch_size)]
     device = pipe.unet.device
     t0 = time.perf_counter()
     cond = encode_prompt(pipe, [prompt], height, width).repeat(batch_size)
-    negative = encode_prompt(pipe, [negative_prompt], height, width).repeat(batch_size) if negative_prompt else None
+    negative = None
+    if negative_prompt:  # NASA attends to one negative for the whole batch; CFG runs it per image
+        negative = encode_prompt(pipe, [negative_prompt], height, width)
+        negative = negative if negative_mode == "nasa" else negative.repeat(batch_size)
     sync(device)
     t1 = time.perf_counter()
     if noise is None:
@@ -190,7 +227,7 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     ts = resolve_timesteps(spec, steps, timesteps, pipe.scheduler.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(seeds[0] + 1)
     latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen, negative=negative,
-                      guidance_scale=guidance_scale)
+                      guidance_scale=guidance_scale, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
     sync(device)
     t2 = time.perf_counter()
     images = decode(pipe, latents)
@@ -199,8 +236,8 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
     settings = {"model": spec.id, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
                 "batch_size": batch_size, "height": height, "width": width, "timesteps": ts}
-    if negative_prompt:
-        settings["guidance_scale"] = guidance_scale
+    if negative_prompt:  # all it takes to reproduce the negative (a PNG restores it)
+        settings.update(negative_mode=negative_mode, nasa_alpha=nasa_alpha, guidance_scale=guidance_scale)
     return GenerationResult(to_pil(images), timings, settings)
 
 

@@ -11,6 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "assets" / "models"
 
+# NASA strength for a student that names none: the paper's training-free default for SD2.1-family
+# students (0.1 for SD1.5, 0.5 for PixArt); SDXL has no published value, 0.2 sits between.
+DEFAULT_NASA_ALPHA = 0.2
+
 FAMILIES = ("sd", "sdxl", "sana", "flux")
 UNET_FAMILIES = ("sd", "sdxl")  # every feature; SANA and FLUX get plain generation
 
@@ -88,12 +92,12 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
               licence="CreativeML Open RAIL++-M", memory_gb=10.0, description="SDXL base 1.0"),
     ModelSpec("tianweiy/DMD2-sdxl-1step", "sdxl", "student", "stabilityai/stable-diffusion-xl-base-1.0",
               teacher="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=1, timesteps=(399,),
-              nasa_alpha=0.1, licence="CC-BY-NC-4.0", memory_gb=10.0,
+              nasa_alpha=0.2, licence="CC-BY-NC-4.0", memory_gb=10.0,
               unet=("tianweiy/DMD2", "dmd2_sdxl_1step_unet_fp16.bin"),
               description="DMD2 one-step SDXL UNet (published only as a pickle: refused, see loading.py)"),
     ModelSpec("tianweiy/DMD2-sdxl-4step", "sdxl", "student", "stabilityai/stable-diffusion-xl-base-1.0",
               teacher="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=4,
-              timesteps=(999, 749, 499, 249), nasa_alpha=0.1, licence="CC-BY-NC-4.0", memory_gb=10.0,
+              timesteps=(999, 749, 499, 249), nasa_alpha=0.2, licence="CC-BY-NC-4.0", memory_gb=10.0,
               lora=("tianweiy/DMD2", "dmd2_sdxl_4step_lora_fp16.safetensors"),
               description="DMD2 four-step SDXL (LoRA fused into SDXL base)"),
     ModelSpec("Efficient-Large-Model/Sana_Sprint_0.6B_1024px_diffusers", "sana", "student",
@@ -106,6 +110,9 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
 ]}
 
 DEFAULT_MODEL = "shapes-64"
+
+# reward models for ReNO on hub models (CLIPModel folders in hub layout; `prefetch` fetches them)
+REWARD_MODELS = {"clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pickscore": "yuvalkirstain/PickScore_v1"}
 
 
 class UnknownModelError(KeyError):
@@ -135,15 +142,18 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
         return ModelSpec(str(path), "sd", "student", str(Path(path).resolve()), teacher=meta.get("teacher"),
                          resolution=meta.get("resolution", 512), steps=meta.get("steps", 1),
                          timesteps=tuple(meta["timesteps"]) if meta.get("timesteps") else None,
+                         nasa_alpha=meta.get("nasa_alpha", DEFAULT_NASA_ALPHA),
                          description="local multi-student (MSD) folder")
     index = json.loads((Path(path) / "model_index.json").read_text())
     cls = index.get("_class_name", "")
     family = "sdxl" if "XL" in cls else "flux" if "Flux" in cls else "sana" if "Sana" in cls else "sd"
     extras = dict(json.loads((Path(path) / "onestep.json").read_text())) if (Path(path) / "onestep.json").is_file() else {}
-    return ModelSpec(str(path), family, extras.get("role", role), str(Path(path).resolve()),
+    role = extras.get("role", role)
+    return ModelSpec(str(path), family, role, str(Path(path).resolve()),
                      teacher=extras.get("teacher"), resolution=extras.get("resolution", _native_size(Path(path))),
                      steps=extras.get("steps", 1), timesteps=tuple(extras["timesteps"]) if extras.get("timesteps") else None,
-                     guidance_scale=extras.get("guidance_scale", 0.0), nasa_alpha=extras.get("nasa_alpha", 0.0),
+                     guidance_scale=extras.get("guidance_scale", 0.0),
+                     nasa_alpha=extras.get("nasa_alpha", DEFAULT_NASA_ALPHA if role == "student" else 0.0),
                      description=f"local {cls} folder")
 
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines import compare, registry
+from pipelines import compare, nasa, registry
 
+from .generate import NEGATIVE_MODES
 from .services import Services, gpu, parse_seed, user_errors
 
 
@@ -22,10 +23,13 @@ def build_compare(services: Services) -> dict:
 
     @gpu
     @user_errors
-    def run(model_id, prompt, seed_text, steps, teacher_steps, guidance):
+    def run(model_id, prompt, seed_text, steps, teacher_steps, guidance, negative_prompt="", negative_mode="nasa",
+            nasa_alpha=None):
         seed = parse_seed(seed_text, False)
         res = compare.compare(model_id, prompt, seed=seed, steps=int(steps), teacher_steps=int(teacher_steps),
-                              guidance_scale=float(guidance), device=services.device)
+                              guidance_scale=float(guidance), device=services.device,
+                              negative_prompt=negative_prompt or "", negative_mode=negative_mode or "nasa",
+                              nasa_alpha=None if nasa_alpha is None else float(nasa_alpha))
         s, t = res["student"], res["teacher"]
         summary = (f"**Student** {caption(s)}  \n**Teacher** {caption(t)}  \n"
                    f"**Speedup** {res['speedup']:.1f}x from the same initial noise")
@@ -42,13 +46,35 @@ def build_compare(services: Services) -> dict:
             steps = gr.Slider(1, 4, value=1, step=1, label="Student steps")
             teacher_steps = gr.Slider(1, 100, value=25, step=1, label="Teacher steps")
             guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Teacher CFG")
+        with gr.Row():
+            negative = gr.Textbox(label="Negative prompt", value="", elem_id="compare-negative",
+                                  info="the teacher always steers away with its CFG")
+            negative_mode = gr.Radio(NEGATIVE_MODES, value="nasa", label="Student's negative prompt by",
+                                     elem_id="compare-negative-mode")
+            alpha = _default_alpha(students[0]) if students else None
+            nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=registry.DEFAULT_NASA_ALPHA if alpha is None else alpha,
+                                   step=0.05, label="NASA alpha", elem_id="compare-nasa-alpha")
         button = gr.Button("Compare", variant="primary", elem_id="compare-btn")
         pair = gr.Gallery(label="Student · Teacher", columns=2, height=360, elem_id="compare-pair", format="png")
         summary = gr.Markdown(elem_id="compare-summary")
         strip = gr.Gallery(label="Student at 1, 2, 4 steps", columns=3, height=220, elem_id="compare-strip", format="png")
-        button.click(run, [model, prompt, seed, steps, teacher_steps, guidance], [pair, summary, strip],
-                     api_name="compare", concurrency_id="gpu")
+        button.click(run, [model, prompt, seed, steps, teacher_steps, guidance, negative, negative_mode, nasa_alpha],
+                     [pair, summary, strip], api_name="compare", concurrency_id="gpu")
+        model.change(_on_model, model, nasa_alpha, api_visibility="private")
     return {"model": model}
+
+
+def _default_alpha(model_id) -> float | None:
+    """The student's own NASA alpha; None for a model the registry does not know."""
+    try:
+        return registry.get(model_id).nasa_alpha or registry.DEFAULT_NASA_ALPHA
+    except (registry.UnknownModelError, TypeError):
+        return None
+
+
+def _on_model(model_id):
+    alpha = _default_alpha(model_id)
+    return gr.update() if alpha is None else alpha
 
 
 def _installed(model_id: str) -> bool:

@@ -8,11 +8,12 @@ import time
 
 import gradio as gr
 
-from pipelines import generation, registry
+from pipelines import generation, nasa, registry
 
 from .services import Services, gpu, parse_seed, user_errors
 
 HISTORY_LIMIT = 48
+NEGATIVE_MODES = [("NASA", "nasa"), ("CFG", "cfg")]  # (label, value the API takes)
 
 
 def timing_line(timings: dict, n: int, session: dict | None = None) -> str:
@@ -30,11 +31,13 @@ def build_generate(services: Services) -> dict:
 
     @gpu
     @user_errors
-    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size):
+    def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size, negative_mode="nasa",
+            nasa_alpha=None):
         seed = parse_seed(seed_text, randomize)
         res = generation.generate(model_id, prompt, negative_prompt=negative_prompt or "", steps=int(steps),
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
-                                  device=services.device)
+                                  device=services.device, negative_mode=negative_mode or "nasa",
+                                  nasa_alpha=None if nasa_alpha is None else float(nasa_alpha))
         stamp = time.strftime("%Y%m%d-%H%M%S")
         files = []
         for i, img in enumerate(res.images):
@@ -57,17 +60,21 @@ def build_generate(services: Services) -> dict:
     def restore(path):
         """Settings of a dropped OneStep PNG -> the controls (the change events then regenerate it)."""
         if not path:
-            return [gr.update()] * 7
+            return [gr.update()] * 9
         s = generation.read_settings(path)
+        # images saved before NASA existed steered away from their negative prompt with CFG
+        mode = s.get("negative_mode", "cfg" if s.get("negative_prompt") else "nasa")
+        alpha = s.get("nasa_alpha")
         return (s["model"], s["prompt"], s.get("negative_prompt", ""), str(s["seed"]), False, s["steps"],
-                s.get("height", spec.resolution))
+                s.get("height", spec.resolution), mode, gr.update() if alpha is None else alpha)
 
     def on_model(model_id):
         try:
             s = registry.get(model_id)
         except registry.UnknownModelError:
-            return gr.update(), gr.update()
-        return gr.update(value=s.steps, maximum=50 if s.role == "teacher" else 4), gr.update(value=s.resolution)
+            return gr.update(), gr.update(), gr.update()
+        return (gr.update(value=s.steps, maximum=50 if s.role == "teacher" else 4), gr.update(value=s.resolution),
+                gr.update(value=s.nasa_alpha or registry.DEFAULT_NASA_ALPHA))
 
     with gr.Tab("Generate", id="generate"):
         history_state = gr.State([])
@@ -81,6 +88,14 @@ def build_generate(services: Services) -> dict:
                 prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square", lines=2,
                                     elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id="negative")
+                with gr.Row():
+                    negative_mode = gr.Radio(NEGATIVE_MODES, value="nasa", label="Negative prompt by",
+                                             elem_id="negative-mode",
+                                             info="NASA: in attention, one pass; CFG: two passes blended "
+                                                  "(teachers always use CFG)")
+                    nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=spec.nasa_alpha or registry.DEFAULT_NASA_ALPHA,
+                                           step=0.05, label="NASA alpha", elem_id="nasa-alpha",
+                                           info="how hard to steer away; too high lets the negative take over")
                 with gr.Row():
                     seed = gr.Textbox(label="Seed", value="0", elem_id="seed")
                     randomize = gr.Checkbox(label="Randomize seed", value=False)
@@ -99,11 +114,11 @@ def build_generate(services: Services) -> dict:
                 timing = gr.Markdown(elem_id="timing")
                 history_view = gr.Gallery(label="History (this tab)", columns=8, height=160, elem_id="history",
                                           format="png")
-        inputs = [model, prompt, negative, seed, randomize, steps, size, batch]
+        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, negative_mode, nasa_alpha]
         outputs = [gallery, timing, seed, last_state]
         after = dict(fn=remember, inputs=[last_state, history_state, session_state],
                      outputs=[history_view, history_state, session_state, timing], api_visibility="private")
-        model.change(on_model, model, [steps, size], api_visibility="private")
+        model.change(on_model, model, [steps, size, nasa_alpha], api_visibility="private")
         button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu").then(**after)
         prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
 
@@ -113,10 +128,11 @@ def build_generate(services: Services) -> dict:
             return run(*args)
 
         # live: every keystroke or slider release asks; while one runs, only the newest waits
-        for trigger in (prompt.input, negative.input, steps.release, size.release, batch.release):
+        for trigger in (prompt.input, negative.input, steps.release, size.release, batch.release, negative_mode.input,
+                        nasa_alpha.release):
             trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
                     trigger_mode="always_last", show_progress="hidden").then(**after)
-        dropped.upload(restore, dropped, [model, prompt, negative, seed, randomize, steps, size],
-                       api_visibility="private").then(run, inputs, outputs, api_visibility="private",
-                                                      concurrency_id="gpu").then(**after)
-    return {"model": model, "prompt": prompt, "gallery": gallery, "timing": timing}
+        restored = [model, prompt, negative, seed, randomize, steps, size, negative_mode, nasa_alpha]
+        dropped.upload(restore, dropped, restored, api_visibility="private").then(
+            run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
+    return {"model": model, "prompt": prompt, "seed": seed, "steps": steps, "gallery": gallery, "timing": timing}

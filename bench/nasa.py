@@ -1,0 +1,214 @@
+"""NASA removal benchmark on the shapes world: does a one-step student leave out what the negative
+prompt names, and what does that cost?
+
+    python -m bench.nasa [--model shapes-64] [--images 500] [--nasa-alpha 0.5[,1.0,...]] [--json out.json]
+
+Cases: prompts of the shapes grammar that leave color open (`a circle`, `a star and a heart`,
+`two squares`; background unnamed too), each with a negative prompt naming one color (`red`). Every
+mode draws each case from the same seed, so the modes differ only in how the negative is used:
+no negative prompt, the CFG-style baseline (x0 extrapolated at `--guidance-scale`), and NASA at each
+alpha. Per mode, ShapeEval's detector reports
+
+- appears: how often the named color is in the picture (an object, or the background, of that color);
+- removed: of the cases where it appeared without a negative prompt, how often it is gone;
+- shapeeval: ShapeEval accuracy on what the prompt does specify (shapes and counts), and its drop
+  against no negative prompt;
+
+and timing gives the seconds per image of NASA and of CFG as ratios to plain generation (same prompt,
+same batch, same process, interleaved repeats). Issue #7's target: NASA removed >= 0.95 with a
+ShapeEval drop <= 0.05.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import generation, onestep, registry
+from shapes import COLORS, SHAPES, ObjectSpec, Spec, detect, judge, to_prompt
+
+TARGET_REMOVED, TARGET_DROP = 0.95, 0.05
+
+
+@dataclass(frozen=True)
+class Case:
+    prompt: str
+    negative: str  # one color word
+    seed: int
+
+
+def open_color_prompts() -> list[str]:
+    """Prompts that name shapes (and counts) but no color: single objects, pairs, and twos."""
+    specs = [Spec("single_object", (ObjectSpec(s),)) for s in SHAPES]
+    specs += [Spec("two_object", (ObjectSpec(a), ObjectSpec(b))) for a, b in combinations(SHAPES, 2)]
+    specs += [Spec("counting", (ObjectSpec(s),), count=2) for s in SHAPES]
+    return [to_prompt(s) for s in specs]
+
+
+def make_cases(images: int, seed: int = 0) -> tuple[list[Case], int]:
+    """At least `images` cases: every (prompt, color) pair gets the same number of consecutive seeds
+    (so one generate call per pair draws what the plain call per prompt draws); below one seed per
+    pair, a shuffled subset of the pairs. Returns (cases, seeds per pair)."""
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"images must be a whole number of at least 1, got {str(images)[:40]!r}")
+    pairs = [(p, c) for p in open_color_prompts() for c in COLORS]
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    per_pair = math.ceil(images / len(pairs))
+    chosen = [pairs[i] for i in order[:images]] if per_pair == 1 else pairs
+    return [Case(p, c, seed + k) for p, c in chosen for k in range(per_pair)], per_pair
+
+
+def _draw(model_id: str, prompt: str, seed: int, n: int, device, **negative) -> list[np.ndarray]:
+    """n images from seeds seed..seed+n-1, in batches of at most onestep.MAX_BATCH."""
+    out = []
+    for start in range(0, n, onestep.MAX_BATCH):
+        res = generation.generate(model_id, prompt, seed=seed + start, batch_size=min(onestep.MAX_BATCH, n - start),
+                                  device=device, **negative)
+        out += [np.asarray(im.convert("RGB")) for im in res.images]
+    return out
+
+
+def _score(cases: list[Case], images: list[np.ndarray]) -> list[dict]:
+    rows = []
+    for case, img in zip(cases, images):
+        background, objects = detect(img)
+        on_object = any(o.color == case.negative for o in objects)
+        rows.append({"appears": on_object or background == case.negative, "object": on_object,
+                     "shapeeval": judge(case.prompt, img)[0]})
+    return rows
+
+
+def _summary(rows: list[dict], plain: list[dict] | None) -> dict:
+    out = {"appears": float(np.mean([r["appears"] for r in rows])),
+           "appears_object": float(np.mean([r["object"] for r in rows])),
+           "shapeeval": float(np.mean([r["shapeeval"] for r in rows]))}
+    if plain is not None:
+        had = [r for r, p in zip(rows, plain) if p["appears"]]
+        out["removed"] = float(np.mean([not r["appears"] for r in had])) if had else None
+        out["removable_cases"] = len(had)
+        out["shapeeval_drop"] = float(np.mean([p["shapeeval"] for p in plain])) - out["shapeeval"]
+    return out
+
+
+def _timing(model_id: str, alpha: float, guidance_scale: float, batch: int, repeats: int, device) -> dict:
+    """Seconds per image, plain vs NASA vs CFG, interleaved so drift hits all three alike."""
+    runs = {"plain": {}, "nasa": dict(negative_prompt="red", negative_mode="nasa", nasa_alpha=alpha),
+            "cfg": dict(negative_prompt="red", negative_mode="cfg", guidance_scale=guidance_scale)}
+    times: dict = {k: {"total": [], "denoising": []} for k in runs}
+    for r in range(repeats + 1):
+        for name, kwargs in runs.items():
+            t = generation.generate(model_id, "a circle", seed=r, batch_size=batch, device=device, **kwargs).timings
+            if r:  # the first round warms up (lazy init, caches)
+                times[name]["total"].append(t["total"])
+                times[name]["denoising"].append(t["denoising"])
+    med = {k: {s: statistics.median(v[s]) for s in v} for k, v in times.items()}
+    return {"batch": batch, "repeats": repeats, "nasa_alpha": alpha,
+            **{f"{k}_seconds_per_image": med[k]["total"] / batch for k in runs},
+            "nasa_ratio": med["nasa"]["total"] / med["plain"]["total"],
+            "cfg_ratio": med["cfg"]["total"] / med["plain"]["total"],
+            "nasa_denoising_ratio": med["nasa"]["denoising"] / med["plain"]["denoising"],
+            "cfg_denoising_ratio": med["cfg"]["denoising"] / med["plain"]["denoising"]}
+
+
+def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500, nasa_alphas=None,
+                      guidance_scale: float = 2.0, seed: int = 0, timing_batch: int = 8, repeats: int = 5,
+                      device: str | None = None, progress=None) -> dict:
+    """Run every mode over the same cases; see the module docstring for what each number means."""
+    spec = registry.get(model_id)
+    if spec.role != "student":
+        raise ValueError(f"{model_id} is a {spec.role}; the NASA benchmark needs a one- or few-step student")
+    alphas = [spec.nasa_alpha or registry.DEFAULT_NASA_ALPHA] if nasa_alphas is None else list(nasa_alphas)
+    for a in alphas:
+        onestep.check_negative("nasa", a)
+    cases, per_pair = make_cases(images, seed)
+    say = progress or (lambda msg: None)
+
+    # no negative prompt: one draw per (prompt, seed range), shared by every color of that prompt
+    plain_images = {}
+    for prompt in dict.fromkeys(c.prompt for c in cases):
+        start = min(c.seed for c in cases if c.prompt == prompt)
+        for k, img in enumerate(_draw(model_id, prompt, start, per_pair, device)):
+            plain_images[(prompt, start + k)] = img
+    plain = _score(cases, [plain_images[(c.prompt, c.seed)] for c in cases])
+    say(f"no negative: {len(cases)} cases")
+
+    def run_mode(**negative) -> list[dict]:
+        imgs = []
+        for k in range(0, len(cases), per_pair):  # the cases of one (prompt, color) pair are consecutive
+            c = cases[k]
+            imgs += _draw(model_id, c.prompt, c.seed, per_pair, device, negative_prompt=c.negative, **negative)
+        return _score(cases, imgs)
+
+    modes = [{"mode": "none", **_summary(plain, None)}]
+    rows = run_mode(negative_mode="cfg", guidance_scale=guidance_scale)
+    modes.append({"mode": "cfg", "guidance_scale": guidance_scale, **_summary(rows, plain)})
+    say(f"cfg: {len(cases)} cases")
+    for a in alphas:
+        rows = run_mode(negative_mode="nasa", nasa_alpha=a)
+        m = {"mode": "nasa", "nasa_alpha": a, **_summary(rows, plain)}
+        m["target_met"] = m["removed"] is not None and m["removed"] >= TARGET_REMOVED and m["shapeeval_drop"] <= TARGET_DROP
+        modes.append(m)
+        say(f"nasa alpha {a:g}: {len(cases)} cases")
+    timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device)
+    return {"model": model_id, "steps": spec.steps, "images": len(cases), "seeds_per_pair": per_pair,
+            "prompts": len({c.prompt for c in cases}), "modes": modes, "timing": timing,
+            "target": {"removed": TARGET_REMOVED, "shapeeval_drop": TARGET_DROP}}
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of numbers") from None
+
+
+def _print(res: dict) -> None:
+    print(f"{res['model']}: {res['images']} images per mode ({res['prompts']} color-free prompts x a named color)")
+    print(f"{'mode':<16} {'appears':>8} {'removed':>8} {'shapeeval':>10} {'drop':>7}")
+    for m in res["modes"]:
+        name = {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
+        removed = "-" if m.get("removed") is None else f"{m['removed']:.3f}"
+        drop = "-" if "shapeeval_drop" not in m else f"{m['shapeeval_drop']:+.3f}"
+        print(f"{name:<16} {m['appears']:>8.3f} {removed:>8} {m['shapeeval']:>10.3f} {drop:>7}")
+    t = res["timing"]
+    print(f"time per image vs plain (batch {t['batch']}): NASA x{t['nasa_ratio']:.3f} "
+          f"(denoising x{t['nasa_denoising_ratio']:.3f}), CFG x{t['cfg_ratio']:.3f} "
+          f"(denoising x{t['cfg_denoising_ratio']:.3f})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.nasa", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=registry.DEFAULT_MODEL, help="registry id or a student folder")
+    ap.add_argument("--images", type=int, default=500, help="cases per mode (rounded up to whole seeds per pair)")
+    ap.add_argument("--nasa-alpha", type=_alphas, default=None, help="one alpha or a list, e.g. 0.5,1 (default: the model's)")
+    ap.add_argument("--guidance-scale", type=float, default=2.0, help="of the CFG-style baseline")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    try:
+        res = removal_benchmark(args.model, args.images, args.nasa_alpha, args.guidance_scale, args.seed,
+                                args.timing_batch, args.repeats, args.device,
+                                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ValueError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _print(res)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
