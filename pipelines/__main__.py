@@ -1,7 +1,9 @@
-"""Command line: python -m pipelines {generate,evaluate,prefetch,models} ...
+"""Command line: python -m pipelines {generate,refine,evaluate,prefetch,models} ...
 
     python -m pipelines generate --model shapes-64 --prompt "a red circle" --seed 1 --out outputs/a.png --json
+    python -m pipelines refine --model shapes-64 --prompt "two red circles" --iterations 50 --out outputs/r.png --json
     python -m pipelines evaluate --model shapes-64-teacher --prompts assets/prompts/shapeeval.txt --json eval.json
+    python -m pipelines evaluate --model shapes-64 --prompts assets/prompts/shapeeval.txt --reno --json reno.json
     python -m pipelines prefetch stabilityai/sd-turbo
 
 Errors are one line on stderr and exit code 2.
@@ -28,7 +30,8 @@ def cmd_generate(args) -> int:
     from .generation import generate, image_settings, save_png
 
     res = generate(args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
-                   batch_size=args.batch_size, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+                   batch_size=args.batch_size, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
+                   negative_mode=args.negative_mode, nasa_alpha=args.nasa_alpha)
     out = Path(args.out or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}-{args.seed}.png")
     paths = []
     for i, img in enumerate(res.images):
@@ -43,12 +46,49 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _reno_config(args):
+    from .reno import RenoConfig
+
+    return RenoConfig(iterations=args.iterations, lr=args.lr, seconds=args.seconds).check()
+
+
+def cmd_refine(args) -> int:
+    from . import loading, reno
+    from .generation import save_png
+    from .registry import get
+
+    spec = get(args.model)
+    pipe = loading.load_pipeline(args.model)
+    res = reno.refine(pipe, spec, args.prompt, args.rewards, seed=args.seed, steps=args.steps, config=_reno_config(args),
+                      callback=None if args.json else lambda s: print(
+                          f"\riteration {s.iteration + 1}: loss {s.loss:.4f}{' (best)' if s.best else ''}",
+                          end="", file=sys.stderr, flush=True))
+    if not args.json:
+        print(file=sys.stderr)
+    out = Path(args.out or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}-{args.seed}-reno.png")
+    image = save_png(res.best, out, res.settings)
+    start = save_png(res.initial, out.with_name(f"{out.stem}-start{out.suffix or '.png'}"), {**res.settings, "reno": None})
+    noise = reno.save_noise(res.best_noise, res.settings, out.with_suffix(".noise.safetensors"))
+    first, best = res.history[0], res.history[res.best_iteration]
+    report = {"settings": res.settings, "files": {"image": str(image), "start": str(start), "noise": str(noise)},
+              "best_iteration": res.best_iteration, "iterations": len(res.history), "stopped": res.stopped,
+              "seconds": res.seconds, "start_rewards": first["rewards"], "best_rewards": best["rewards"],
+              "history": res.history}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"wrote {image} (start: {start}, noise: {noise}); best iteration {res.best_iteration} of "
+              f"{len(res.history)} ({res.stopped}), {res.seconds:.1f} s; rewards {first['rewards']} -> {best['rewards']}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, read_prompts
 
     prompts = read_prompts(args.prompts)
     summary = evaluate(args.model, prompts, args.images_per_prompt, args.steps, args.seed, args.save_images,
-                       progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True))
+                       progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True),
+                       reno=_reno_config(args) if args.reno else None, rewards=args.rewards)
     print(file=sys.stderr)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -73,6 +113,16 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _reno_args(p) -> None:
+    from .reno import RenoConfig
+
+    d = RenoConfig()
+    p.add_argument("--iterations", type=_int, default=d.iterations, help=f"evaluations incl. the start (default {d.iterations})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate (default {d.lr})")
+    p.add_argument("--seconds", type=float, default=d.seconds, help="wall-time budget per image (0: none)")
+    p.add_argument("--rewards", default=None, help="weights, e.g. clip=0.01,pickscore=0.05 (default: the model's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipelines", description="OneStep Studio inference CLI")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -81,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL, help="registry id or a local diffusers folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
+    g.add_argument("--negative-mode", default="nasa", metavar="nasa|cfg",
+                   help="how a student steers away from the negative prompt: nasa (in attention, one pass; default) "
+                        "or cfg (two passes, x0 extrapolated by --guidance-scale); teachers always use cfg")
+    g.add_argument("--nasa-alpha", type=float, default=None, help="NASA strength, 0 to 2 (default: the model's)")
     g.add_argument("--seed", type=_int, default=0)
     g.add_argument("--steps", type=_int, default=None, help="default: the model's")
     g.add_argument("--height", type=_int, default=None)
@@ -99,7 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_int, default=0)
     e.add_argument("--save-images", default=None)
     e.add_argument("--json", required=True, help="where the summary JSON goes")
+    e.add_argument("--reno", action="store_true", help="refine every image with ReNO; reports plain and refined")
+    _reno_args(e)
     e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("refine", help="ReNO: optimize one image's initial noise against rewards")
+    r.add_argument("--model", default=DEFAULT_MODEL, help="a one-step (or few-step) student")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--seed", type=_int, default=0, help="the start noise (the same image Generate makes)")
+    r.add_argument("--steps", type=_int, default=None, help="student steps (default: the model's)")
+    r.add_argument("--out", default=None, help="PNG of the best image; beside it -start.png and .noise.safetensors")
+    r.add_argument("--json", action="store_true", help="print settings, rewards per iteration and files as JSON")
+    _reno_args(r)
+    r.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("prefetch", help="download a hub model's safetensors (needs a network)")
     p.add_argument("model")

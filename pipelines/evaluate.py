@@ -1,5 +1,6 @@
 """ShapeEval over a prompt file: generate N images per prompt with any model (or the renderer, the
-judge's ceiling) and score them per GenEval category."""
+judge's ceiling) and score them per GenEval category. With ReNO on, every image is refined from its
+seed's noise, and both the plain start and the refined image are judged (a paired comparison)."""
 from __future__ import annotations
 
 import json
@@ -16,18 +17,29 @@ def read_prompts(path: str | Path) -> list[str]:
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one per line; '#' starts a comment)")
+    return check_prompts(prompts, str(path))
+
+
+def check_prompts(prompts: list[str], where: str) -> list[str]:
+    """Every prompt must be in the shapes grammar (ShapeEval judges only those)."""
     for i, p in enumerate(prompts):
         try:
             parse(p)
         except GrammarError as e:
-            raise ValueError(f"line {i + 1} of {path}: {e}") from None
+            raise ValueError(f"line {i + 1} of {where}: {e}") from None
     return prompts
 
 
 def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, steps: int | None = None, seed: int = 0,
-             save_images: str | Path | None = None, progress=None) -> dict:
-    """Generate and judge; image j of prompt i uses seed + j (the same noise for every prompt)."""
+             save_images: str | Path | None = None, progress=None, reno=None, rewards=None) -> dict:
+    """Generate and judge; image j of prompt i uses seed + j (the same noise for every prompt).
+
+    `reno` (a RenoConfig) refines every image with `rewards` (None: the model's defaults); the summary
+    then holds the refined images' scores, `plain` the unrefined starts', and the ReNO seconds."""
     from .generation import generate
+
+    if reno is not None:
+        return _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, reno, rewards)
 
     specs = [parse(p) for p in prompts]
     out_dir = Path(save_images) if save_images else None
@@ -55,6 +67,46 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
     summary = summarize([r["category"] for r in records], [r["passed"] for r in records])
     summary.update(model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                    mean_seconds_per_image=seconds / max(len(records), 1))
+    if out_dir:
+        with open(out_dir / "results.jsonl", "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return summary
+
+
+def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards) -> dict:
+    from . import loading, reno
+    from .registry import get
+
+    spec = get(model_id)
+    pipe = loading.load_pipeline(model_id)
+    out_dir = Path(save_images) if save_images else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    records, seconds, iterations = [], 0.0, 0
+    for i, prompt in enumerate(prompts):
+        spec_i = parse(prompt)
+        for j in range(images_per_prompt):
+            res = reno.refine(pipe, spec, prompt, rewards, seed=seed + j, steps=steps, config=config)
+            seconds += res.seconds
+            iterations += len(res.history)
+            plain_ok, plain_reason = judge(spec_i, np.asarray(res.initial.convert("RGB")))
+            ok, reason = judge(spec_i, np.asarray(res.best.convert("RGB")))
+            records.append({"prompt_index": i, "image_index": j, "prompt": prompt, "category": spec_i.category,
+                            "passed": ok, "reason": reason, "plain_passed": plain_ok, "plain_reason": plain_reason,
+                            "best_iteration": res.best_iteration, "seconds": res.seconds})
+            if out_dir:
+                res.initial.save(out_dir / f"{i}_{j}_plain.png")
+                res.best.save(out_dir / f"{i}_{j}_reno.png")
+        if progress:
+            progress(i + 1, len(prompts))
+    cats = [r["category"] for r in records]
+    summary = summarize(cats, [r["passed"] for r in records])
+    summary.update(model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                   reno={"iterations": config.iterations, "lr": config.lr, "seconds_budget": config.seconds,
+                         "rewards": rewards, "mean_seconds_per_image": seconds / max(len(records), 1),
+                         "mean_seconds_per_iteration": seconds / max(iterations, 1)},
+                   plain=summarize(cats, [r["plain_passed"] for r in records]))
     if out_dir:
         with open(out_dir / "results.jsonl", "w") as f:
             for r in records:

@@ -15,21 +15,27 @@ SETTINGS_KEY = "onestep-settings"
 
 def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: int | None = None, seed: int = 0,
              batch_size: int = 1, height: int | None = None, width: int | None = None,
-             guidance_scale: float | None = None, device: str | None = None) -> onestep.GenerationResult:
-    """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line."""
+             guidance_scale: float | None = None, device: str | None = None, noise=None,
+             negative_mode: str = "nasa", nasa_alpha: float | None = None) -> onestep.GenerationResult:
+    """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line.
+    `noise` (batch, C, h, w) replaces the seeded initial noise (e.g. a ReNO export). A student's
+    negative prompt uses `negative_mode`: "nasa" at `nasa_alpha` (None: the model's default) or the
+    "cfg" baseline at `guidance_scale`; a teacher's always uses CFG."""
+    onestep.check_negative(negative_mode, nasa_alpha)
     spec = get(model_id)
     if spec.is_local and msd.is_msd(spec.path):
         return _generate_msd(spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                              batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
-                             device=device)
+                             device=device, noise=noise, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
     pipe = loading.load_pipeline(model_id, device=device)
     if spec.role == "teacher":
         return teacher.sample(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps,
                               guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, height=height,
-                              width=width)
+                              width=width, noise=noise)
     return onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                            batch_size=batch_size, height=height, width=width,
-                            guidance_scale=2.0 if guidance_scale is None else guidance_scale)
+                            batch_size=batch_size, height=height, width=width, noise=noise,
+                            guidance_scale=2.0 if guidance_scale is None else guidance_scale,
+                            negative_mode=negative_mode, nasa_alpha=nasa_alpha)
 
 
 def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:

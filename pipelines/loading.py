@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import ModelSpec, get
+from .registry import REWARD_MODELS, ModelSpec, get
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 ALLOWED_PIPELINES = {
@@ -164,6 +164,8 @@ def hub_cached(spec: ModelSpec) -> bool:
 
 def prefetch(model_id: str) -> list[Path]:
     """Download a hub model's safetensors (with progress); return the local folders/files."""
+    if model_id in REWARD_MODELS.values():
+        return [hub_snapshot(model_id, download=True)]
     spec = get(model_id)
     if spec.is_local:
         check_folder(spec.path)
@@ -258,11 +260,14 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
         raise LoadError(f"could not load {spec.id}: {first}") from None
 
 
-def load_clip(path: str | Path, device: str | None = None):
-    """A CLIPModel + CLIPTokenizer folder (the CLIP-score / reward model), safetensors only."""
+def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str | Path | None = None):
+    """A CLIPModel + CLIPTokenizer folder (the CLIP-score / reward model), safetensors only.
+
+    `path` may also be a hub repo id (from the local cache only: `prefetch` fetches it); the tokenizer
+    comes from `tokenizer_path` when the weights' repo has none (PickScore uses the LAION CLIP's)."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = Path(path)
+    path = _local(path)
     tensors = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not tensors:
         pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
@@ -273,7 +278,63 @@ def load_clip(path: str | Path, device: str | None = None):
     if cfg.get("model_type") != "clip":
         raise LoadError(f"{path} is not a CLIP model folder (config model_type {cfg.get('model_type')!r}; allowed: 'clip')")
     model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
-    return model.to(device or default_device()), CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(_local(tokenizer_path) if tokenizer_path else path), local_files_only=True)
+    return model.to(device or default_device()), tok
+
+
+def check_clip_available(source: str | Path, weights: bool = True) -> None:
+    """Raise LoadError (what is missing, how to fetch it) unless a CLIP folder or cached repo is here."""
+    path = _local(source)
+    if not path.is_dir():
+        raise ModelNotAvailable(f"CLIP model folder {path} does not exist")
+    if weights and not any(path.glob("*.safetensors")):
+        raise LoadError(f"{source} has no .safetensors weights here; fetch them with: {prefetch_hint(str(source))}")
+
+
+def local_folder(source: str | Path) -> Path:
+    return _local(source)
+
+
+def _local(source: str | Path) -> Path:
+    """A folder as is, or a hub repo id resolved to its cached snapshot (never downloads)."""
+    path = Path(source)
+    if path.exists() or not _looks_like_repo(str(source)):
+        return path
+    return hub_snapshot(str(source))
+
+
+def _looks_like_repo(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """Tensors of one .safetensors file, header checked first (reward heads, converted checkpoints)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise LoadError(f"{path} is a pickle; OneStep Studio loads .safetensors only")
+    if not path.is_file():
+        raise ModelNotAvailable(f"{path} does not exist")
+    check_safetensors(path)
+    return load_file(str(path))
+
+
+def load_noise(path: str | Path) -> tuple[torch.Tensor, dict]:
+    """An initial-noise file written by ReNO: the tensor and the settings in its metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name} is not a .safetensors noise file; allowed: files exported by Refine")
+    check_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        if "noise" not in f.keys():
+            raise ValueError(f"{path.name} holds no 'noise' tensor; allowed: files exported by Refine")
+        noise = f.get_tensor("noise")
+    return noise, json.loads(meta.get("onestep-settings", "{}"))
 
 
 def loaded() -> list[tuple[str, str, str]]:

@@ -58,3 +58,17 @@ def tiny_student(tiny_sd, tmp_path_factory):
     meta = json.loads((out / "onestep.json").read_text())
     (out / "onestep.json").write_text(json.dumps({**meta, "resolution": 64}))
     return out
+
+
+@pytest.fixture(scope="session")
+def shapes_student(tiny_student, tmp_path_factory):
+    """The tiny student presented as a shapes-world model (its teacher is shapes-64-teacher), so its
+    default reward is the embedded tiny CLIP."""
+    import json
+    import shutil
+
+    dst = tmp_path_factory.mktemp("shapes-student") / "student"
+    shutil.copytree(tiny_student, dst)
+    meta = json.loads((dst / "onestep.json").read_text())
+    (dst / "onestep.json").write_text(json.dumps({**meta, "teacher": "shapes-64-teacher"}))
+    return dst

@@ -109,19 +109,22 @@ def test_compare_api_and_model_without_teacher(tiny_sd, tiny_student, tmp_path):
         demo.close()
 
 
-def test_readme_api_example_runs(tiny_student, tmp_path):
+def test_readme_api_example_runs(tiny_student, shapes_student, tmp_path):
     import re
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     code = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
-    services = Services(outputs=tmp_path / "out", default_model=str(tiny_student), extra_models=[str(tiny_student)])
+    services = Services(outputs=tmp_path / "out", default_model=str(tiny_student),
+                        extra_models=[str(tiny_student), str(shapes_student)])
     demo = build_demo(services)
     port = free_port()
     queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
     try:
         code = code.replace("http://127.0.0.1:7860/", f"http://127.0.0.1:{port}/").replace(", 25, 5.0", ", 2, 2.0")
-        scope = {"MODEL": str(tiny_student), "STUDENT": str(tiny_student)}
+        scope = {"MODEL": str(shapes_student), "STUDENT": str(tiny_student)}
         exec(compile(code, "README.md", "exec"), scope)
         assert len(scope["images"]) == 1 and "images/s" in scope["timing"] and len(scope["pair"]) == 2
+        assert "best iterate" in scope["done"] and scope["noise"].endswith(".safetensors")
+        assert "colors" in scope["table"] and scope["summary"]["num_images"] == 2
     finally:
         demo.close()

@@ -4,8 +4,10 @@ from __future__ import annotations
 import gradio as gr
 
 from .compare import build_compare
+from .evaluate import build_evaluate
 from .generate import build_generate
 from .models import build_models
+from .refine import build_refine
 from .services import Services, make_services
 
 TITLE = "OneStep Studio"
@@ -19,8 +21,10 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
         if services.notice:
             gr.Markdown(f"**Notice:** {services.notice}", elem_id="notice")
         with gr.Tabs():
-            build_generate(services)
+            generate_tab = build_generate(services)
             build_compare(services)
+            build_refine(services, generate_tab)
+            build_evaluate(services)
             build_models(services)
     demo.services = services
     return demo

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,21 @@ def gpu(fn):
 def user_errors(fn):
     """Turn our one-line errors into gr.Error so the page shows them (show_error stays False)."""
 
+    def one_line(e: Exception) -> gr.Error:
+        return gr.Error(str(e).strip().splitlines()[0][:500] or e.__class__.__name__)
+
+    if inspect.isgeneratorfunction(fn):  # streaming handlers fail while iterating, not when called
+        @functools.wraps(fn)
+        def streaming(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except (ValueError, UnknownModelError, loading.LoadError) as e:
+                raise one_line(e) from None
+
+        return streaming
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -62,7 +78,7 @@ def user_errors(fn):
         except gr.Error:
             raise
         except (ValueError, UnknownModelError, loading.LoadError) as e:
-            raise gr.Error(str(e).strip().splitlines()[0][:500] or e.__class__.__name__) from None
+            raise one_line(e) from None
 
     return wrapper
 
