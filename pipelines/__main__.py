@@ -29,9 +29,16 @@ def _int(text: str) -> int:
 def cmd_generate(args) -> int:
     from .generation import generate, image_settings, save_png
 
+    noise = None
+    if args.noise:
+        from .loading import load_noise
+
+        noise = load_noise(args.noise)[0]
     res = generate(args.model, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, seed=args.seed,
                    batch_size=args.batch_size, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
-                   negative_mode=args.negative_mode, nasa_alpha=args.nasa_alpha)
+                   negative_mode=args.negative_mode, nasa_alpha=args.nasa_alpha, noise=noise,
+                   control_image=args.control_image, preprocessor=args.preprocessor, control_model=args.control_model,
+                   control_scale=args.control_scale)
     out = Path(args.out or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}-{args.seed}.png")
     paths = []
     for i, img in enumerate(res.images):
@@ -88,7 +95,8 @@ def cmd_evaluate(args) -> int:
     prompts = read_prompts(args.prompts)
     summary = evaluate(args.model, prompts, args.images_per_prompt, args.steps, args.seed, args.save_images,
                        progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True),
-                       reno=_reno_config(args) if args.reno else None, rewards=args.rewards)
+                       reno=_reno_config(args) if args.reno else None, rewards=args.rewards,
+                       control=args.control, control_model=args.control_model, control_scale=args.control_scale)
     print(file=sys.stderr)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -111,6 +119,14 @@ def cmd_models(args) -> int:
         state = "installed" if installed(spec) else f"missing (python -m pipelines prefetch {spec.id})"
         print(f"{spec.id:60s} {spec.family:5s} {spec.role:8s} {state}")
     return 0
+
+
+def _control_args(p, with_preprocessor: bool = True) -> None:
+    if with_preprocessor:
+        p.add_argument("--preprocessor", default="canny", help="control map: canny, sketch or none")
+    p.add_argument("--control-model", default="auto",
+                   help="auto (a student's NCT adapter, else its teacher's ControlNet), nct, controlnet, or a folder")
+    p.add_argument("--control-scale", type=float, default=1.0, help="conditioning scale, 0 to 2")
 
 
 def _reno_args(p) -> None:
@@ -143,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None)
     g.add_argument("--out", default=None, help="PNG path (batch: _<i> is added)")
     g.add_argument("--json", action="store_true", help="print settings and timings as JSON")
+    g.add_argument("--noise", default=None, help="initial noise from a .safetensors file exported by refine")
+    _control_args(g)
+    g.add_argument("--control-image", default=None, help="an image whose layout the output follows")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="ShapeEval over a prompt file")
@@ -154,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-images", default=None)
     e.add_argument("--json", required=True, help="where the summary JSON goes")
     e.add_argument("--reno", action="store_true", help="refine every image with ReNO; reports plain and refined")
+    e.add_argument("--control", default=None, metavar="PREPROCESSOR",
+                   help="render a control image per prompt and report control consistency (e.g. canny)")
+    _control_args(e, with_preprocessor=False)
     _reno_args(e)
     e.set_defaults(func=cmd_evaluate)
 

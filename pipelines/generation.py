@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from . import loading, msd, onestep, teacher
+from . import control, loading, msd, onestep, teacher
 from .registry import get
 
 SETTINGS_KEY = "onestep-settings"
@@ -16,26 +16,53 @@ SETTINGS_KEY = "onestep-settings"
 def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: int | None = None, seed: int = 0,
              batch_size: int = 1, height: int | None = None, width: int | None = None,
              guidance_scale: float | None = None, device: str | None = None, noise=None,
-             negative_mode: str = "nasa", nasa_alpha: float | None = None) -> onestep.GenerationResult:
+             negative_mode: str = "nasa", nasa_alpha: float | None = None, control_image=None,
+             preprocessor: str = "canny", control_model: str = "auto", control_scale: float = 1.0,
+             control_settings: dict | None = None) -> onestep.GenerationResult:
     """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line.
     `noise` (batch, C, h, w) replaces the seeded initial noise (e.g. a ReNO export). A student's
     negative prompt uses `negative_mode`: "nasa" at `nasa_alpha` (None: the model's default) or the
-    "cfg" baseline at `guidance_scale`; a teacher's always uses CFG."""
+    "cfg" baseline at `guidance_scale`; a teacher's always uses CFG.
+
+    `control_image` (an upload: path, PIL or array) pins the layout: it becomes a `preprocessor` map
+    and drives `control_model` ("auto": a student's NCT adapter, else its teacher's ControlNet;
+    "nct"; "controlnet"; or a ControlNet folder/repo) at `control_scale`."""
     onestep.check_negative(negative_mode, nasa_alpha)
     spec = get(model_id)
     if spec.is_local and msd.is_msd(spec.path):
+        if control_image is not None:
+            raise ValueError("control images are not available for multi-student (MSD) models; use one student")
         return _generate_msd(spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                              batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
                              device=device, noise=noise, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
     pipe = loading.load_pipeline(model_id, device=device)
+    ctl, ctl_settings = None, None
+    if control_image is not None:
+        ctl, ctl_settings = _control(spec, pipe, control_image, preprocessor, control_model, control_scale,
+                                     control_settings or {}, batch_size, height or spec.resolution,
+                                     width or spec.resolution)
     if spec.role == "teacher":
-        return teacher.sample(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps,
-                              guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, height=height,
-                              width=width, noise=noise)
-    return onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
-                            batch_size=batch_size, height=height, width=width, noise=noise,
-                            guidance_scale=2.0 if guidance_scale is None else guidance_scale,
-                            negative_mode=negative_mode, nasa_alpha=nasa_alpha)
+        res = teacher.sample(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps,
+                             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, height=height,
+                             width=width, noise=noise, control=ctl)
+    else:
+        res = onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
+                               batch_size=batch_size, height=height, width=width, noise=noise,
+                               guidance_scale=2.0 if guidance_scale is None else guidance_scale,
+                               negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=ctl)
+    if ctl_settings:
+        res.settings["control"] = ctl_settings
+    return res
+
+
+def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, height, width):
+    """A control.Control for this call, and what to record about it in the image's settings."""
+    scale = control.check_scale(scale)
+    control_map = control.make_map(image, preprocessor, height, width, **settings)
+    source, kind = control.resolve(spec, preprocessor, kind)
+    model = loading.load_controlnet(source, device=str(pipe.unet.device), dtype=pipe.unet.dtype)
+    ctl = control.Control(model, control.map_tensor(control_map, batch, pipe.unet.device, pipe.unet.dtype), scale)
+    return ctl, {"preprocessor": preprocessor, "model": source, "kind": kind, "scale": scale, **settings}
 
 
 def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:

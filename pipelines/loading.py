@@ -260,6 +260,49 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
         raise LoadError(f"could not load {spec.id}: {first}") from None
 
 
+_CONTROL_CACHE: OrderedDict = OrderedDict()
+
+
+def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    """A diffusers ControlNetModel folder (a ControlNet or an NCT adapter) or cached hub repo,
+    safetensors only; cached per (source, device, dtype)."""
+    from diffusers import ControlNetModel
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    key = (str(source), str(device), str(dtype))
+    with _LOCK:
+        if key in _CONTROL_CACHE:
+            _CONTROL_CACHE.move_to_end(key)
+            return _CONTROL_CACHE[key]
+    path = _local(source)
+    if not path.is_dir():
+        raise ModelNotAvailable(f"control model {source} does not exist" + (
+            "; the embedded ones are built by: python -m training.recipes.shapes --out assets/models/shapes-64"
+            if "shapes-64" in str(source) else ""))
+    tensors = sorted(path.glob("*.safetensors"))
+    if not tensors:
+        pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES]
+        raise LoadError(f"{source} holds no .safetensors ControlNet weights" + (
+            f" (only pickles: {', '.join(pickles)}, which are not loaded)" if pickles else ""))
+    for t in tensors:
+        check_safetensors(t)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if cfg.get("_class_name") != "ControlNetModel":
+        raise LoadError(f"{source} is not a ControlNet folder (config class {cfg.get('_class_name')!r}; "
+                        "allowed: 'ControlNetModel')")
+    try:
+        model = ControlNetModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
+                                                dtype=dtype).to(device).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise LoadError(f"could not load control model {source}: {str(e).strip().splitlines()[0][:300]}") from None
+    with _LOCK:
+        _CONTROL_CACHE[key] = model
+        while len(_CONTROL_CACHE) > MAX_LOADED:
+            _CONTROL_CACHE.popitem(last=False)
+    return model
+
+
 def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str | Path | None = None):
     """A CLIPModel + CLIPTokenizer folder (the CLIP-score / reward model), safetensors only.
 
@@ -345,6 +388,7 @@ def loaded() -> list[tuple[str, str, str]]:
 def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
+        _CONTROL_CACHE.clear()
 
 
 MAX_LOADED = 4

@@ -133,14 +133,15 @@ def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, pred
 def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int], prediction_type: str | None = None,
             generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None,
             negative: Conditioning | None = None, guidance_scale: float = 1.0, negative_mode: str = "nasa",
-            nasa_alpha: float | None = None) -> torch.Tensor:
+            nasa_alpha: float | None = None, control=None) -> torch.Tensor:
     """Differentiable student sampling: initial noise -> clean latents (scaled, as the UNet sees them).
 
     Re-noising between steps uses `renoise[k]` when given (so a caller can fix it), else noise drawn
     from `generator`. With `negative` and negative_mode "nasa", every UNet call steers away from it in
     cross-attention with strength `nasa_alpha` (None: DEFAULT_NASA_ALPHA; its batch may be 1 for all
     images); with "cfg", the baseline: the clean-latent predictions of the two prompts are extrapolated,
-    x0 = x0_neg + w (x0_pos - x0_neg)."""
+    x0 = x0_neg + w (x0_pos - x0_neg). `control` (a control.Control: a ControlNet or an NCT adapter with
+    its map and scale) adds its residuals to every UNet call."""
     nasa_alpha = DEFAULT_NASA_ALPHA if nasa_alpha is None else nasa_alpha
     check_negative(negative_mode, nasa_alpha)
     ptype = prediction_type or pipe.scheduler.config.prediction_type
@@ -149,19 +150,24 @@ def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int],
     use_nasa = negative is not None and negative_mode == "nasa"
     with nasa.applied(unet, negative.prompt_embeds, nasa_alpha) if use_nasa else nullcontext():
         return _sample(pipe, cond, x, timesteps, ptype, generator, renoise, None if use_nasa else negative,
-                       guidance_scale)
+                       guidance_scale, control)
 
 
-def _sample(pipe, cond, x, timesteps, ptype, generator, renoise, negative, guidance_scale) -> torch.Tensor:
+def _unet(pipe, x, t_batch, cond, control):
+    extra = control.residuals(x, t_batch, cond) if control is not None else {}
+    return pipe.unet(x, t_batch, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs,
+                     **extra).sample
+
+
+def _sample(pipe, cond, x, timesteps, ptype, generator, renoise, negative, guidance_scale, control) -> torch.Tensor:
     unet = pipe.unet
     x0 = x
     for k, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        out = unet(x, t_batch, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+        out = _unet(pipe, x, t_batch, cond, control)
         x0 = predict_x0(pipe, out.float(), x.float(), t, ptype)
         if negative is not None:
-            out_neg = unet(x, t_batch, encoder_hidden_states=negative.prompt_embeds,
-                           added_cond_kwargs=negative.added_cond_kwargs).sample
+            out_neg = _unet(pipe, x, t_batch, negative, control)
             x0_neg = predict_x0(pipe, out_neg.float(), x.float(), t, ptype)
             x0 = x0_neg + guidance_scale * (x0 - x0_neg)
         if k + 1 < len(timesteps):
@@ -193,8 +199,8 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
              steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
              width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
              prediction_type: str | None = None, negative_mode: str = "nasa",
-             nasa_alpha: float | None = None) -> GenerationResult:
-    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`).
+             nasa_alpha: float | None = None, control=None) -> GenerationResult:
+    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`); `control` as in `denoise`.
 
     A negative prompt steers away with NASA at `nasa_alpha` (None: the model's default,
     `spec.nasa_alpha`), or with negative_mode "cfg" through the CFG-style baseline at `guidance_scale`."""
@@ -227,7 +233,7 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     ts = resolve_timesteps(spec, steps, timesteps, pipe.scheduler.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(seeds[0] + 1)
     latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen, negative=negative,
-                      guidance_scale=guidance_scale, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
+                      guidance_scale=guidance_scale, negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=control)
     sync(device)
     t2 = time.perf_counter()
     images = decode(pipe, latents)

@@ -36,6 +36,8 @@ class ModelSpec:
     memory_gb: float = 0.0  # rough peak memory in fp16 at default size (fp32 on CPU: about double)
     lora: tuple[str, str] | None = None  # (repo, file) of a safetensors LoRA fused into the base
     unet: tuple[str, str] | None = None  # (repo, file) of a replacement UNet checkpoint
+    controlnets: tuple[tuple[str, str], ...] = ()  # (preprocessor, ControlNet folder or repo) for this model
+    nct: tuple[tuple[str, str], ...] = ()  # (preprocessor, NCT adapter folder) trained on this one-step student
     description: str = ""
 
     @property
@@ -46,6 +48,14 @@ class ModelSpec:
     def path(self) -> Path:
         p = Path(self.source)
         return p if p.is_absolute() else ROOT / p
+
+    def control_source(self, preprocessor: str, kind: str) -> str | None:
+        """The folder/repo of this model's own "controlnet" or "nct" adapter for `preprocessor`
+        (relative folders are under the repo root)."""
+        src = dict(self.controlnets if kind == "controlnet" else self.nct).get(preprocessor)
+        if src and not _looks_like_hub_id(src) and not Path(src).is_absolute():
+            return str(ROOT / src)
+        return src
 
     def timesteps_for(self, steps: int) -> list[int] | None:
         """The trained timesteps for `steps` steps, when the spec pins them."""
@@ -65,10 +75,12 @@ SHAPES_CLIP = ROOT / SHAPES_DIR / "clip"  # CLIP score / reward model of the emb
 MODELS: dict[str, ModelSpec] = {m.id: m for m in [
     ModelSpec("shapes-64", "sd", "student", f"{SHAPES_DIR}/student", teacher="shapes-64-teacher", resolution=64,
               steps=1, timesteps=(999,), nasa_alpha=0.5, licence="Apache-2.0 (trained by this project)",
-              memory_gb=0.1, description="embedded one-step DMD2 student of the shapes world (CPU real time)"),
+              memory_gb=0.1, nct=(("canny", f"{SHAPES_DIR}/nct-canny"),),
+              description="embedded one-step DMD2 student of the shapes world (CPU real time)"),
     ModelSpec("shapes-64-teacher", "sd", "teacher", f"{SHAPES_DIR}/teacher", resolution=64, steps=25,
               guidance_scale=5.0, guidance_rescale=0.7, licence="Apache-2.0 (trained by this project)",
-              memory_gb=0.1, description="embedded multi-step teacher of the shapes world (v-prediction, zero SNR)"),
+              memory_gb=0.1, controlnets=(("canny", f"{SHAPES_DIR}/controlnet-canny"),),
+              description="embedded multi-step teacher of the shapes world (v-prediction, zero SNR)"),
     ModelSpec("shapes-64-4step", "sd", "student", f"{SHAPES_DIR}/student-4step", teacher="shapes-64-teacher",
               resolution=64, steps=4, timesteps=(999, 749, 499, 249), nasa_alpha=0.5,
               licence="Apache-2.0 (trained by this project)", memory_gb=0.1,
@@ -82,6 +94,7 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
               description="ADD-distilled SD 2.1, 512px"),
     ModelSpec("stabilityai/stable-diffusion-2-1-base", "sd", "teacher", "stabilityai/stable-diffusion-2-1-base",
               steps=25, guidance_scale=7.5, licence="CreativeML Open RAIL++-M", memory_gb=3.5,
+              controlnets=(("canny", "thibaud/controlnet-sd21-canny-diffusers"),),
               description="SD 2.1 base (teacher of SD-Turbo)"),
     ModelSpec("stabilityai/sdxl-turbo", "sdxl", "student", "stabilityai/sdxl-turbo",
               teacher="stabilityai/stable-diffusion-xl-base-1.0", steps=1, timesteps=(999,), nasa_alpha=0.2,
@@ -89,7 +102,8 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
               description="ADD-distilled SDXL, 512px"),
     ModelSpec("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", "teacher",
               "stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=30, guidance_scale=7.0,
-              licence="CreativeML Open RAIL++-M", memory_gb=10.0, description="SDXL base 1.0"),
+              licence="CreativeML Open RAIL++-M", memory_gb=10.0,
+              controlnets=(("canny", "diffusers/controlnet-canny-sdxl-1.0"),), description="SDXL base 1.0"),
     ModelSpec("tianweiy/DMD2-sdxl-1step", "sdxl", "student", "stabilityai/stable-diffusion-xl-base-1.0",
               teacher="stabilityai/stable-diffusion-xl-base-1.0", resolution=1024, steps=1, timesteps=(399,),
               nasa_alpha=0.2, licence="CC-BY-NC-4.0", memory_gb=10.0,
@@ -154,7 +168,14 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
                      steps=extras.get("steps", 1), timesteps=tuple(extras["timesteps"]) if extras.get("timesteps") else None,
                      guidance_scale=extras.get("guidance_scale", 0.0),
                      nasa_alpha=extras.get("nasa_alpha", DEFAULT_NASA_ALPHA if role == "student" else 0.0),
+                     controlnets=_adapters(path, extras.get("controlnets")), nct=_adapters(path, extras.get("nct")),
                      description=f"local {cls} folder")
+
+
+def _adapters(folder: Path, entries: dict | None) -> tuple[tuple[str, str], ...]:
+    """onestep.json's {"canny": "nct-canny"} -> (("canny", "<folder>/nct-canny"),); relative to the folder."""
+    return tuple((k, str(Path(folder) / v) if not Path(v).is_absolute() and (Path(folder) / v).exists() else v)
+                 for k, v in (entries or {}).items())
 
 
 def in_shapes_world(spec: ModelSpec) -> bool:
@@ -195,3 +216,20 @@ def installed(spec: ModelSpec) -> bool:
     from .loading import hub_cached
 
     return hub_cached(spec)
+
+
+def exports_root() -> Path:
+    """Where the Train tab and `python -m training export` write model folders ($ONESTEP_RUNS/exports)."""
+    import os
+
+    return Path(os.environ.get("ONESTEP_RUNS", ROOT / "runs")) / "exports"
+
+
+def local_models(root: str | Path | None = None) -> list[str]:
+    """Model folders exported from training runs (newest first), as the paths the model boxes take."""
+    folder = Path(root) if root is not None else exports_root()
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+             and ((p / "model_index.json").is_file() or (p / "msd.json").is_file())]
+    return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]

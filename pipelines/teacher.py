@@ -22,7 +22,9 @@ MAX_TEACHER_STEPS = 200
 def sample(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", steps: int | None = None,
            guidance_scale: float | None = None, guidance_rescale: float | None = None, seed: int = 0,
            batch_size: int = 1, height: int | None = None, width: int | None = None,
-           noise: torch.Tensor | None = None) -> GenerationResult:
+           noise: torch.Tensor | None = None, control=None) -> GenerationResult:
+    """Sample with CFG from `noise` (default: the seeds' noise). `control` (a control.Control) runs the
+    teacher's ControlNet through diffusers' ControlNet pipeline built on the same components."""
     steps = spec.steps if steps is None else steps
     height = spec.resolution if height is None else height
     width = spec.resolution if width is None else width
@@ -48,6 +50,9 @@ def sample(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", ste
         kwargs["negative_prompt_embeds"] = ne
     sync(device)
     t1 = time.perf_counter()
+    if control is not None:
+        kwargs.update(image=control.image[:1], controlnet_conditioning_scale=control.scale)
+        pipe = _with_controlnet(pipe, control.model)
     latents = pipe(prompt_embeds=pe, num_inference_steps=steps, guidance_scale=guidance_scale,
                    guidance_rescale=guidance_rescale, height=height, width=width,
                    latents=noise.to(device, pipe.unet.dtype), output_type="latent", **kwargs).images
@@ -61,3 +66,13 @@ def sample(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", ste
                 "guidance_scale": guidance_scale, "seed": seed, "batch_size": batch_size, "height": height,
                 "width": width}
     return GenerationResult(to_pil(images), timings, settings)
+
+
+def _with_controlnet(pipe, controlnet):
+    """The same components in diffusers' ControlNet pipeline of the family (SD or SDXL)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionControlNetPipeline
+    out = cls.from_pipe(pipe, controlnet=controlnet)
+    out.set_progress_bar_config(disable=True)
+    return out

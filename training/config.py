@@ -130,7 +130,45 @@ class MsdConfig(Dmd2Config):
     tsm_lr: float = 1e-4
 
 
-CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TeacherConfig(), Dmd2Config(), MsdConfig())}
+@dataclass(frozen=True)
+class ControlNetConfig(TrainConfig):
+    """ControlNet for a (multi-step) teacher, trained with the teacher's own diffusion loss."""
+
+    method: str = "controlnet"
+    teacher: str = ""  # registry id or diffusers folder of the SD/SDXL-family teacher (frozen)
+    preprocessor: str = "canny"  # control maps made from the training images (pipelines/control.py)
+    images: str = "shapes"  # "shapes" (the renderer's pool) or a folder of images with same-name .txt captions
+    uncond_prob: float = 0.5  # prompts dropped so the ControlNet learns from the map alone (as in its paper)
+    snr_gamma: float = 5.0  # min-SNR weighting
+    data_size: int = 20000
+    batch_size: int = 32
+    lr: float = 2e-4
+    warmup: int = 100
+    steps: int = 2000
+    save_every: int = 250
+
+
+@dataclass(frozen=True)
+class NctConfig(TrainConfig):
+    """NCT adapter (ControlNet architecture) for a frozen one-step student: no images, no teacher."""
+
+    method: str = "nct"
+    student: str = ""  # registry id or folder of the frozen one-step student
+    preprocessor: str = "canny"  # the condition extractor applied to the student's own outputs
+    prompts: str = "shapes"  # "shapes" (the world's sampler) or a text file, one prompt per line
+    levels: int = 8  # noise levels sigma_k = k / levels in the noise-space VP diffusion
+    boundary_target: float = 0.01  # xi: the boundary loss (latent MSE to the frozen output) is kept below this
+    dual_lr: float = 1.0  # eta: lambda <- max(0, lambda + eta (L_bound - xi))
+    lambda_init: float = 1.0
+    batch_size: int = 16
+    lr: float = 2e-4
+    warmup: int = 100
+    steps: int = 2000
+    save_every: int = 250
+
+
+CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TeacherConfig(), Dmd2Config(), MsdConfig(),
+                                 ControlNetConfig(), NctConfig())}
 
 
 def field_names(cls) -> list[str]:

@@ -36,6 +36,16 @@ def main(argv=None) -> int:
         result = msd.train(cfg)
         if result["finished"] and args.export:
             msd.export(result, args.export)
+    elif cfg.method in ("controlnet", "nct"):
+        from .methods import controlnet, nct
+
+        result = (controlnet if cfg.method == "controlnet" else nct).train(cfg)
+        if result["finished"] and args.export:
+            controlnet.export(result["controlnet" if cfg.method == "controlnet" else "adapter"], args.export)
+            if cfg.method == "nct":
+                from pipelines.registry import get
+
+                nct.write_meta(get(cfg.student).path, cfg.preprocessor, args.export)
     else:
         from .methods import clip, teacher, vae
 

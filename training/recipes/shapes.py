@@ -10,6 +10,9 @@ under --out when it finishes:
     OUT/clip/      CLIPModel + CLIPTokenizer + CLIPImageProcessor (reward, CLIP score)
     OUT/vae/       AutoencoderKL
     OUT/teacher/   StableDiffusionPipeline (text encoder = the CLIP text tower)
+    OUT/controlnet-canny/  ControlNetModel for the teacher (canny maps of rendered images)
+    OUT/student/, OUT/student-4step/, OUT/msd/   DMD2 one- and four-step students, multi-student model
+    OUT/nct-canny/ NCT adapter (ControlNet architecture) for the frozen one-step student
 
 The `report` stage measures the exported family (CLIP retrieval, VAE PSNR and ShapeEval of its
 reconstructions, teacher ShapeEval on both prompt suites) into OUT/report.json.
@@ -30,7 +33,8 @@ from pathlib import Path
 from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "clip_vision", "student", "student_4step", "msd", "report")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "clip_vision", "controlnet", "student", "nct", "student_4step", "msd",
+          "report")
 # DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
 STUDENT = dict(prompts="shapes", height=64, width=64, real_guidance=5.0, ratio=5, gan_weight=1e-3, batch_size=16,
                lr=5e-5, guidance_lr=5e-5, steps=3000, save_every=250, eval_images=48)
@@ -115,6 +119,25 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         if res["finished"] or args.export_partial:
             dmd2.export(res, cfg, out / stage.replace("_", "-"))
         return {k: v for k, v in res.items() if k not in ("distiller", "accelerator")}
+    if stage == "controlnet":  # canny ControlNet for the teacher, from the renderer's images
+        from training.config import ControlNetConfig
+        from training.methods import controlnet
+
+        cfg = with_overrides(ControlNetConfig(teacher=str(out / "teacher"), **common), _overrides(args.set, stage))
+        res = controlnet.train(cfg)
+        if res["finished"] or args.export_partial:
+            controlnet.export(res["controlnet"], out / "controlnet-canny")
+        return {k: v for k, v in res.items() if k not in ("controlnet", "pipe")}
+    if stage == "nct":  # canny NCT adapter for the frozen one-step student: prompts and Canny only
+        from training.config import NctConfig
+        from training.methods import controlnet, nct
+
+        cfg = with_overrides(NctConfig(student=str(out / "student"), **common), _overrides(args.set, stage))
+        res = nct.train(cfg)
+        if res["finished"] or args.export_partial:
+            controlnet.export(res["adapter"], out / "nct-canny")
+            nct.write_meta(out / "student", "canny", out / "nct-canny")
+        return {k: v for k, v in res.items() if k not in ("adapter", "pipe")}
     if stage == "msd":
         from training.config import MsdConfig
         from training.methods import msd

@@ -1,0 +1,139 @@
+"""NCT, noise consistency training (Luo, Xue, Hu, Tang, 2025, arXiv 2506.19741): teach a frozen
+one-step generator a new control with an adapter, using only prompts and a condition extractor --
+no images, no teacher.
+
+The generator f(z) maps noise to a clean latent. Training pairs are made on the fly: z ~ N(0, I),
+x = f(z), c = extract(decode(x)). The adapter phi (ControlNet architecture, zero-initialised outputs,
+so f_phi = f at the start) gets the noise through a variance-preserving diffusion in noise space,
+
+    z_s = sqrt(1 - s^2) z + s eps,   s in {0, 1/K, ..., 1},
+
+which keeps every z_s standard normal (the frozen generator still accepts it): at s = 0 the noise is
+the one that made c, at s = 1 it is independent of c. Two losses:
+
+    consistency  L_con = d(f_phi(z_{s_{k+1}}, c), stopgrad f_phi(z_{s_k}, c))   (same eps for both)
+    boundary     L_bound = d(f_phi(z, c), f(z))
+
+The less-coupled input is pulled toward what the more-coupled one produces, so along the chain the
+adapter must read c to keep the output consistent with it; the boundary keeps f_phi on the
+generator's output manifold. The constrained problem min L_con s.t. L_bound <= xi is solved
+primal-dual: a step on phi with L_con + lambda L_bound, then lambda <- max(0, lambda + eta (L_bound - xi)).
+
+Choices the paper leaves open, made here: K = `levels` (8) evenly spaced s_k = k / K, one k per sample
+drawn uniformly from {0..K-1}; d = mean squared error in the generator's latent space (the space the
+adapter acts in; no decoder in the loss); xi = `boundary_target` (0.01, about 1% of the latents'
+variance), eta = `dual_lr` (1.0), lambda starts at 1; no EMA (the paper's 0.9999 needs far longer runs).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import control, loading, onestep, registry
+
+from ..common import train_loop
+from .controlnet import export, new_controlnet  # noqa: F401  (the adapter is saved like a ControlNet)
+from .dmd2 import PromptSource
+
+
+class Adapted:
+    """The frozen one-step student and its adapter: f(z) and f_phi(z, c) as clean latents."""
+
+    def __init__(self, pipe, spec):
+        """`pipe` is a private copy (loading.load_pipeline(..., cache=False)): its weights are frozen here."""
+        self.pipe, self.spec = pipe, spec
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            if getattr(pipe, part, None) is not None:
+                getattr(pipe, part).requires_grad_(False)
+        self.t = onestep.resolve_timesteps(spec, 1, None, pipe.scheduler.config.num_train_timesteps)
+
+    def x0(self, z: torch.Tensor, cond, ctl: control.Control | None) -> torch.Tensor:
+        return onestep.denoise(self.pipe, cond, z, self.t, control=ctl)
+
+    def conditions(self, latents: torch.Tensor, preprocessor: str) -> torch.Tensor:
+        """The extractor on the generator's own images: (batch, 3, H, W) maps in [0, 1]."""
+        with torch.no_grad():
+            images = ((onestep.decode(self.pipe, latents).clamp(-1, 1) + 1) * 127.5).round().byte()
+        maps = [control.detect(im, preprocessor) for im in images.permute(0, 2, 3, 1).cpu().numpy()]
+        return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float().div(255)
+
+
+def losses(model: Adapted, net, z, eps, k, levels: int, cond, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_con, L_bound, f(z)) for one batch; k holds one level index per sample."""
+    s_lo = (k.float() / levels).view(-1, 1, 1, 1)
+    s_hi = ((k + 1).float() / levels).view(-1, 1, 1, 1)
+    z_lo = (1 - s_lo ** 2).sqrt() * z + s_lo * eps
+    z_hi = (1 - s_hi ** 2).sqrt() * z + s_hi * eps
+    with torch.no_grad():
+        frozen = model.x0(z, cond, None)
+        target = model.x0(z_lo, cond, control.Control(net, c))
+    l_con = F.mse_loss(model.x0(z_hi, cond, control.Control(net, c)), target)
+    l_bound = F.mse_loss(model.x0(z, cond, control.Control(net, c)), frozen)
+    return l_con, l_bound, frozen
+
+
+def train(cfg) -> dict:
+    if not cfg.student:
+        raise ValueError("nct needs `student`: a one-step student (registry id or folder)")
+    if control.unavailable(cfg.preprocessor):
+        raise ValueError(control.unavailable(cfg.preprocessor))
+    if cfg.levels < 1:
+        raise ValueError(f"levels {cfg.levels} must be at least 1")
+    spec = registry.get(cfg.student)
+    if spec.role != "student" or spec.steps != 1:
+        raise ValueError(f"{cfg.student} is not a one-step student; NCT adapts a frozen one-step generator")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pipe = loading.load_pipeline(cfg.student, device="cpu", dtype=torch.float32, cache=False)
+    model = Adapted(pipe, spec)
+    torch.manual_seed(cfg.seed)
+    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prompts = PromptSource(cfg.prompts, cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    size = spec.resolution
+    shape = onestep.latent_shape(pipe, cfg.batch_size, size, size)
+    state = {"lambda": float(cfg.lambda_init)}
+
+    def step(i):
+        texts, _ = prompts.sample(cfg.batch_size)
+        with torch.no_grad():
+            cond = onestep.encode_prompt(pipe, texts, size, size)
+            z = torch.randn(shape, generator=gen)
+            c = model.conditions(model.x0(z, cond, None), cfg.preprocessor)
+        eps = torch.randn(shape, generator=gen)
+        k = torch.randint(0, cfg.levels, (cfg.batch_size,), generator=gen)
+        l_con, l_bound, _ = losses(model, net, z, eps, k, cfg.levels, cond, c)
+        loss = l_con + state["lambda"] * l_bound
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        state["lambda"] = max(0.0, state["lambda"] + cfg.dual_lr * (l_bound.item() - cfg.boundary_target))
+        return {"loss_con": l_con.item(), "loss_bound": l_bound.item(), "lambda": state["lambda"],
+                "lr": opt.param_groups[0]["lr"]}
+
+    result = train_loop(cfg, {"adapter": net}, {"adapter": opt}, step, extra_state=lambda: dict(state),
+                        on_resume=lambda saved: state.update({"lambda": float(saved.get("lambda", cfg.lambda_init))}))
+    result.update(adapter=net.eval(), pipe=pipe)
+    return result
+
+
+def write_meta(student_dir: str | Path, preprocessor: str, adapter_dir: str | Path) -> None:
+    """Record the adapter in a local student's onestep.json, so the registry finds it."""
+    import json
+
+    meta_path = Path(student_dir) / "onestep.json"
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text())
+    rel = Path(adapter_dir).resolve()
+    try:
+        rel = rel.relative_to(Path(student_dir).resolve())
+    except ValueError:
+        pass
+    meta.setdefault("nct", {})[preprocessor] = str(rel)
+    meta_path.write_text(json.dumps(meta, indent=2))
