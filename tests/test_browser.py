@@ -77,3 +77,54 @@ def test_compare_tab_shows_two_images_with_timings(page_at):
     expect(page.locator("#compare-summary")).to_contain_text("Speedup", timeout=30_000)
     expect(page.locator("#compare-summary")).to_contain_text("ms")
     page.screenshot(path=str(ARTIFACTS / "browser-compare.png"), full_page=True)
+
+
+def test_keystroke_to_image_latency(tiny_student, tmp_path):
+    """50 single-key edits; for each, the time from the key press until the new image is decoded on
+    screen. Served model: the embedded one-step student when it is built, else the tiny test student
+    (recorded in the JSON). Figures go to test-artifacts/latency.json (speed is judged in the note,
+    not asserted here)."""
+    import json
+    import statistics
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    from pipelines import registry
+
+    model = "shapes-64" if registry.installed(registry.MODELS["shapes-64"]) else str(tiny_student)
+    services = Services(outputs=tmp_path / "outputs", default_model=model, extra_models=[model])
+    demo = build_demo(services)
+    port = free_port()
+    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
+    shown = """(old) => { const im = document.querySelector('#gallery img');
+                         return im && im.src !== old && im.complete && im.naturalWidth > 0 ? im.src : false; }"""
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
+            prompt = page.locator("#prompt textarea")
+            prompt.wait_for(timeout=120_000)
+            prompt.fill("")
+            prompt.press_sequentially("a red circle", delay=20)
+            src = page.wait_for_function(shown, arg="", timeout=60_000, polling="raf").json_value()
+            page.wait_for_timeout(500)  # let any queued live request land first
+            src = page.locator("#gallery img").first.get_attribute("src")
+            times = []
+            keys = ["Backspace", "e"] * 25  # "a red circl" / "a red circle": every edit asks for a new image
+            for key in keys:
+                t0 = time.perf_counter()
+                prompt.press(key)
+                src = page.wait_for_function(shown, arg=src, timeout=30_000, polling="raf").json_value()
+                times.append((time.perf_counter() - t0) * 1000)
+            browser.close()
+    finally:
+        demo.close()
+    assert len(times) == 50
+    times.sort()
+    result = {"model": model, "edits": len(times), "median_ms": statistics.median(times),
+              "p90_ms": times[int(0.9 * len(times)) - 1], "max_ms": times[-1]}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "latency.json").write_text(json.dumps(result, indent=2))
+    print(result)
