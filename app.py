@@ -9,8 +9,7 @@ import argparse
 import os
 
 from ui import build_demo, launch_kwargs, queue
-
-demo = build_demo()
+from ui.services import make_services
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -19,6 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     ap.add_argument("--listen", action="store_true", help="serve on all interfaces (needs --auth)")
     ap.add_argument("--auth", default=None, help="user:password required to open the page")
+    ap.add_argument("--enable-training", action="store_true",
+                    help="keep the Train tab when serving beyond loopback (--listen, Spaces); it runs jobs here")
     args = ap.parse_args(argv)
     if args.auth is not None and ":" not in args.auth:
         ap.error("--auth must be user:password")
@@ -36,8 +37,20 @@ def host_for(args) -> str:
     return "127.0.0.1"
 
 
+def training_allowed(args) -> bool:
+    """The Train tab starts processes on this machine: on loopback always, when exposed (--listen, --share,
+    a Space) only when asked (--enable-training, or ONESTEP_ENABLE_TRAINING=1 on a Space: no flags there)."""
+    asked = args.enable_training or os.environ.get("ONESTEP_ENABLE_TRAINING", "") in ("1", "true", "yes")
+    return (host_for(args) == "127.0.0.1" and not args.share) or asked
+
+
+demo = build_demo(make_services(training=training_allowed(parse_args([]))))
+
+
 if __name__ == "__main__":
     args = parse_args()
+    if training_allowed(args) != demo.services.training:  # e.g. --listen without --enable-training
+        demo = build_demo(make_services(training=training_allowed(args)))
     kwargs = launch_kwargs(demo.services, host=host_for(args), port=args.port, share=args.share)
     if args.auth:
         user, _, password = args.auth.partition(":")

@@ -47,27 +47,56 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') bytes to disk, so COMPLETE never lands before the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(run_dir: str | Path, step: int, modules: dict, optimizers: dict | None = None,
          state: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; then keep only the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically; then keep only the newest `keep` complete ones.
+
+    Order: every file into a hidden temp folder and fsync'd, then COMPLETE, then one rename into
+    place. A crash (or ENOSPC) at any point leaves either the previous complete checkpoints or the
+    new one; a leftover temp folder is never picked by `latest` and is cleared by the next save."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name, module in modules.items():
-        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(sd, str(tmp / f"model-{name}.safetensors"))
-    for name, opt in (optimizers or {}).items():
-        tensors, meta = _flat_optim(opt)
-        save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
-        (tmp / f"optim-{name}.json").write_text(json.dumps(meta))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
-    (tmp / MARKER).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        for name, module in modules.items():
+            sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(sd, str(tmp / f"model-{name}.safetensors"))
+        for name, opt in (optimizers or {}).items():
+            tensors, meta = _flat_optim(opt)
+            save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
+            (tmp / f"optim-{name}.json").write_text(json.dumps(meta))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}))
+        for f in tmp.iterdir():
+            _fsync(f)
+        (tmp / MARKER).write_text("ok\n")
+        _fsync(tmp / MARKER)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: the last good checkpoint stays as it was
+        raise
+    if final.exists():  # the same step saved again: move the old one aside first (rename needs an empty target)
+        old = root / f".old-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

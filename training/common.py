@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -31,6 +32,23 @@ def render_batch(rng: np.random.Generator, n: int, uncond_prob: float = 0.0):
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def save_grid(images, path: str | Path, columns: int = 8) -> Path:
+    """Tile PIL images (or uint8 HWC arrays) into one PNG, `columns` per row; the last row is padded black."""
+    from PIL import Image
+
+    arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images]
+    columns = max(1, min(columns, len(arrays)))
+    h, w = arrays[0].shape[:2]
+    arrays += [np.zeros((h, w, 3), np.uint8)] * (-len(arrays) % columns)
+    rows = [np.concatenate(arrays[r:r + columns], 1) for r in range(0, len(arrays), columns)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(np.concatenate(rows, 0)).save(tmp)
+    os.replace(tmp, path)  # a reader (the Train tab) never sees half a PNG
+    return path
 
 
 def lr_factor(cfg, step: int) -> float:

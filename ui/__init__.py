@@ -4,11 +4,13 @@ from __future__ import annotations
 import gradio as gr
 
 from .compare import build_compare
+from .control import build_control
 from .evaluate import build_evaluate
 from .generate import build_generate
 from .models import build_models
 from .refine import build_refine
 from .services import Services, make_services
+from .train import build_train
 
 TITLE = "OneStep Studio"
 
@@ -22,10 +24,12 @@ def build_demo(services: Services | None = None) -> gr.Blocks:
             gr.Markdown(f"**Notice:** {services.notice}", elem_id="notice")
         with gr.Tabs():
             generate_tab = build_generate(services)
-            build_compare(services)
+            compare_tab = build_compare(services)
+            build_control(services, generate_tab)
             build_refine(services, generate_tab)
             build_evaluate(services)
             build_models(services)
+            build_train(services, generate_tab, compare_tab)  # nothing when services.training is off
     demo.services = services
     return demo
 

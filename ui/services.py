@@ -22,14 +22,30 @@ class Services:
     notice: str = ""  # shown at the top of the page when the default could not be served
     device: str | None = None
     extra_models: list[str] = field(default_factory=list)
+    training: bool = True  # the Train tab; off when the app listens beyond loopback without --enable-training
+    runs: Path | None = None  # training runs root (None: $ONESTEP_RUNS or runs/)
+    jobs: object = field(default=None, repr=False)  # the JobManager, made on first use (job_manager())
+
+    def exports_dir(self) -> Path:
+        return Path(self.runs) / "exports" if self.runs is not None else registry.exports_root()
 
     def model_choices(self) -> list[str]:
-        return list(dict.fromkeys([self.default_model, *registry.MODELS, *self.extra_models]))
+        return list(dict.fromkeys([self.default_model, *registry.MODELS, *self.extra_models,
+                                   *registry.local_models(self.exports_dir())]))
+
+    def job_manager(self):
+        if self.jobs is None:
+            from training.jobs import JobManager
+
+            self.jobs = JobManager(self.runs)
+        return self.jobs
 
 
-def make_services(outputs: str | Path = "outputs", device: str | None = None) -> Services:
+def make_services(outputs: str | Path = "outputs", device: str | None = None, training: bool = True,
+                  runs: str | Path | None = None) -> Services:
     """Pick the default model: the embedded one-step student, else its teacher (with a notice)."""
-    svc = Services(outputs=Path(outputs), device=device)
+    svc = Services(outputs=Path(outputs), device=device, training=training,
+                   runs=Path(runs) if runs is not None else None)
     for model_id in EMBEDDED_CHAIN:
         if registry.installed(registry.MODELS[model_id]):
             svc.default_model = model_id

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from pipelines import loading, onestep, registry
 
-from ..common import train_loop
+from ..common import save_grid, train_loop
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]
@@ -339,6 +339,7 @@ def _shapes_eval(cfg, d):
             x0 = d.generate_x0(d.generator, noise, cond, len(cfg.timesteps) - 1, torch.Generator().manual_seed(at_step))
             imgs = onestep.to_pil(onestep.decode(d.pipe, x0))
         acc = float(np.mean([judge(s, np.asarray(im))[0] for s, im in zip(specs, imgs)]))
+        save_grid(imgs, folder / f"step-{at_step:08d}.png")  # the Train tab shows the newest grid
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": at_step, "sample_shapeeval": round(acc, 4)}) + "\n")
     return sample
@@ -348,18 +349,41 @@ def export(result: dict, cfg, out_dir: str | Path) -> Path:
     """Write the student as a diffusers folder (teacher's components, generator UNet with any LoRA merged)
     plus onestep.json, so the registry serves it like any model."""
     d = result["distiller"]
-    unet = copy.deepcopy(result["accelerator"].unwrap_model(d.generator))
+    return save_student(d.pipe, result["accelerator"].unwrap_model(d.generator), cfg, d.height, out_dir)
+
+
+def save_student(pipe, generator, cfg, resolution: int, out_dir: str | Path) -> Path:
+    """The teacher pipeline `pipe` with `generator` (fp16, LoRA fused) in place of its UNet, + onestep.json."""
+    unet = copy.deepcopy(generator)
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()
     unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
-    teacher_unet = d.pipe.unet
-    d.pipe.unet = unet
+    teacher_unet = pipe.unet
+    pipe.unet = unet
     try:
-        d.pipe.save_pretrained(Path(out_dir), safe_serialization=True)
+        pipe.save_pretrained(Path(out_dir), safe_serialization=True)
     finally:
-        d.pipe.unet = teacher_unet
+        pipe.unet = teacher_unet
     meta = {"role": "student", "teacher": cfg.teacher, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
-            "resolution": d.height, "method": "dmd2"}
+            "resolution": resolution, "method": "dmd2"}
     (Path(out_dir) / "onestep.json").write_text(json.dumps(meta, indent=2))
     return Path(out_dir)
+
+
+def export_checkpoint(cfg, ckpt: str | Path, out_dir: str | Path) -> Path:
+    """Export the generator of a (complete) checkpoint while its run may still be going: the teacher's
+    components are loaded afresh on the CPU and the generator is rebuilt exactly as `Distiller` builds it."""
+    from safetensors.torch import load_file
+
+    pipe = loading.load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32, cache=False)
+    if cfg.generator_init:
+        from diffusers import UNet2DConditionModel
+
+        generator = UNet2DConditionModel.from_pretrained(cfg.generator_init, use_safetensors=True, dtype=torch.float32)
+    else:
+        generator = copy.deepcopy(pipe.unet)
+    if cfg.generator_lora_rank:
+        add_lora(generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
+    generator.load_state_dict(load_file(str(Path(ckpt) / "model-generator.safetensors")))
+    return save_student(pipe, generator, cfg, cfg.height or registry.get(cfg.teacher).resolution, out_dir)
