@@ -97,14 +97,17 @@ def _summary(rows: list[dict], plain: list[dict] | None) -> dict:
     return out
 
 
-def _timing(model_id: str, alpha: float, guidance_scale: float, batch: int, repeats: int, device) -> dict:
-    """Seconds per image, plain vs NASA vs CFG, interleaved so drift hits all three alike."""
+def _timing(model_id: str, alpha: float, guidance_scale: float, batch: int, repeats: int, device,
+            engine: str | None = None) -> dict:
+    """Seconds per image, plain vs NASA vs CFG, interleaved so drift hits all three alike (on `engine`:
+    generation.generate's auto / torch / onnx; `python -m bench` runs it on each)."""
     runs = {"plain": {}, "nasa": dict(negative_prompt="red", negative_mode="nasa", nasa_alpha=alpha),
             "cfg": dict(negative_prompt="red", negative_mode="cfg", guidance_scale=guidance_scale)}
     times: dict = {k: {"total": [], "denoising": []} for k in runs}
     for r in range(repeats + 1):
         for name, kwargs in runs.items():
-            t = generation.generate(model_id, "a circle", seed=r, batch_size=batch, device=device, **kwargs).timings
+            t = generation.generate(model_id, "a circle", seed=r, batch_size=batch, device=device, engine=engine,
+                                    **kwargs).timings
             if r:  # the first round warms up (lazy init, caches)
                 times[name]["total"].append(t["total"])
                 times[name]["denoising"].append(t["denoising"])

@@ -1,10 +1,11 @@
-"""Command line: python -m pipelines {generate,refine,evaluate,prefetch,models} ...
+"""Command line: python -m pipelines {generate,refine,evaluate,prefetch,models,export-onnx} ...
 
     python -m pipelines generate --model shapes-64 --prompt "a red circle" --seed 1 --out outputs/a.png --json
     python -m pipelines refine --model shapes-64 --prompt "two red circles" --iterations 50 --out outputs/r.png --json
     python -m pipelines evaluate --model shapes-64-teacher --prompts assets/prompts/shapeeval.txt --json eval.json
     python -m pipelines evaluate --model shapes-64 --prompts assets/prompts/shapeeval.txt --reno --json reno.json
     python -m pipelines prefetch stabilityai/sd-turbo
+    python -m pipelines export-onnx --model shapes-64 --out DIR   # ONNX Runtime graphs, verified
 
 Errors are one line on stderr and exit code 2.
 """
@@ -38,18 +39,51 @@ def cmd_generate(args) -> int:
                    batch_size=args.batch_size, height=args.height, width=args.width, guidance_scale=args.guidance_scale,
                    negative_mode=args.negative_mode, nasa_alpha=args.nasa_alpha, noise=noise,
                    control_image=args.control_image, preprocessor=args.preprocessor, control_model=args.control_model,
-                   control_scale=args.control_scale)
+                   control_scale=args.control_scale, engine=args.engine, torch_options=_torch_options(args))
     out = Path(args.out or f"outputs/{time.strftime('%Y%m%d-%H%M%S')}-{args.seed}.png")
     paths = []
     for i, img in enumerate(res.images):
         path = out if len(res.images) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
         paths.append(str(save_png(img, path, image_settings(res.settings, i))))
     if args.json:
-        print(json.dumps({"settings": res.settings, "timings": res.timings, "files": paths}, indent=2))
+        print(json.dumps({"settings": res.settings, "timings": res.timings, "files": paths, **res.info,
+                          **({"notice": res.notice} if res.notice else {})}, indent=2))
     else:
         t = res.timings
-        print(f"wrote {', '.join(paths)}  (text {t['text_encoding'] * 1000:.0f} ms, denoise "
-              f"{t['denoising'] * 1000:.0f} ms, decode {t['decoding'] * 1000:.0f} ms)")
+        print(f"wrote {', '.join(paths)}  ({res.info.get('engine', 'torch')}: text {t['text_encoding'] * 1000:.0f} ms, "
+              f"denoise {t['denoising'] * 1000:.0f} ms, decode {t['decoding'] * 1000:.0f} ms)")
+    if res.notice:
+        print(f"notice: {res.notice}", file=sys.stderr)
+    return 0
+
+
+def _torch_options(args):
+    from .speed import TorchOptions
+
+    return TorchOptions(channels_last=args.channels_last, dtype=args.dtype, compile=args.compile,
+                        tiny_decoder=True if args.tiny_decoder == "auto" else (args.tiny_decoder or False)).check()
+
+
+def cmd_export_onnx(args) -> int:
+    from . import onnx_engine
+    from .registry import get
+
+    spec = get(args.model)
+    onnx_engine.check_exportable(spec)
+    out = args.out or onnx_engine.cache_folder(spec)
+    manifest = onnx_engine.export(args.model, out, device=args.device, nasa_graph=not args.no_nasa,
+                                  progress=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
+    report = {"out": str(out), "model": manifest["model"], "seconds": manifest["seconds"], "dtype": manifest["dtype"],
+              "graphs": {k: {"bytes": v["bytes"], "max_abs_diff": manifest["verification"][k]["max_abs_diff"],
+                             "tolerance": manifest["verification"][k]["tolerance"]} for k, v in manifest["graphs"].items()},
+              "not_exported": manifest["not_exported"]}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, g in report["graphs"].items():
+            print(f"{name:14s} {g['bytes'] / 2**20:7.1f} MB  max abs diff vs PyTorch {g['max_abs_diff']:.2e} "
+                  f"(tolerance {g['tolerance']:.0e})")
+        print(f"wrote {out} in {manifest['seconds']:.1f} s (report: {Path(out) / 'export-report.json'})")
     return 0
 
 
@@ -162,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", default=None, help="initial noise from a .safetensors file exported by refine")
     _control_args(g)
     g.add_argument("--control-image", default=None, help="an image whose layout the output follows")
+    g.add_argument("--engine", default=None, choices=["auto", "torch", "onnx"],
+                   help="students: auto (ONNX Runtime when exported, else PyTorch; default), torch, onnx")
+    g.add_argument("--channels-last", action="store_true", help="PyTorch: NHWC memory layout")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="PyTorch: weights dtype (auto: fp16 on CUDA, fp32 on CPU)")
+    g.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the UNet and the VAE decode")
+    g.add_argument("--tiny-decoder", nargs="?", const="auto", default=None, metavar="FOLDER",
+                   help="PyTorch: decode with AutoencoderTiny (TAESD/TAESDXL from the hub cache, or a folder)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="ShapeEval over a prompt file")
@@ -195,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the registry and what is installed")
     m.set_defaults(func=cmd_models)
+
+    x = sub.add_parser("export-onnx", help="export a student to ONNX Runtime graphs, verified against PyTorch")
+    x.add_argument("--model", default=DEFAULT_MODEL, help="a one- to four-step student (registry id or folder)")
+    x.add_argument("--out", default=None, help="folder to write (default: the cache Generate looks in, "
+                                                "~/.cache/onestep/onnx/<model>-<weights hash>)")
+    x.add_argument("--device", default=None, help="trace on this device (cuda: fp16 weights; default: cuda when onnxruntime-gpu can run it, else cpu)")
+    x.add_argument("--no-nasa", action="store_true", help="skip the NASA UNet graph")
+    x.add_argument("--json", action="store_true", help="print the export report as JSON")
+    x.set_defaults(func=cmd_export_onnx)
     return ap
 
 

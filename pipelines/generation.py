@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -11,6 +12,7 @@ from . import control, loading, msd, onestep, teacher
 from .registry import get
 
 SETTINGS_KEY = "onestep-settings"
+ENGINES = ("auto", "torch", "onnx")
 
 
 def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: int | None = None, seed: int = 0,
@@ -18,7 +20,8 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
              guidance_scale: float | None = None, device: str | None = None, noise=None,
              negative_mode: str = "nasa", nasa_alpha: float | None = None, control_image=None,
              preprocessor: str = "canny", control_model: str = "auto", control_scale: float = 1.0,
-             control_settings: dict | None = None) -> onestep.GenerationResult:
+             control_settings: dict | None = None, engine: str | None = None, torch_options=None,
+             prompt_cache: bool = True) -> onestep.GenerationResult:
     """Load (cached) and run a registry model or local folder; raises ValueError/LoadError with one line.
     `noise` (batch, C, h, w) replaces the seeded initial noise (e.g. a ReNO export). A student's
     negative prompt uses `negative_mode`: "nasa" at `nasa_alpha` (None: the model's default) or the
@@ -26,16 +29,41 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
 
     `control_image` (an upload: path, PIL or array) pins the layout: it becomes a `preprocessor` map
     and drives `control_model` ("auto": a student's NCT adapter, else its teacher's ControlNet;
-    "nct"; "controlnet"; or a ControlNet folder/repo) at `control_scale`."""
+    "nct"; "controlnet"; or a ControlNet folder/repo) at `control_scale`.
+
+    `engine` (None: $ONESTEP_ENGINE, else "auto"): a student runs on its ONNX Runtime export when
+    one is present ("auto"; any problem with it falls back to PyTorch and says why in `res.notice`),
+    always on PyTorch ("torch", with `torch_options`: a speed.TorchOptions), or only on ONNX ("onnx":
+    exported into the cache first if missing; errors are raised). Teachers always run on PyTorch."""
     onestep.check_negative(negative_mode, nasa_alpha)
+    engine = check_engine(engine)
     spec = get(model_id)
     if spec.is_local and msd.is_msd(spec.path):
         if control_image is not None:
             raise ValueError("control images are not available for multi-student (MSD) models; use one student")
         return _generate_msd(spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                              batch_size=batch_size, height=height, width=width, guidance_scale=guidance_scale,
-                             device=device, noise=noise, negative_mode=negative_mode, nasa_alpha=nasa_alpha)
-    pipe = loading.load_pipeline(model_id, device=device)
+                             device=device, noise=noise, negative_mode=negative_mode, nasa_alpha=nasa_alpha,
+                             engine=engine, torch_options=torch_options, prompt_cache=prompt_cache)
+    notice = ""
+    # a given noise is usually a ReNO export, optimized through PyTorch: "auto" replays it there, bit for bit
+    if spec.role != "teacher" and engine != "torch" and not (noise is not None and engine == "auto"):
+        if control_image is not None:
+            if engine == "onnx":
+                raise ValueError("control images run on the PyTorch engine only (the ONNX export has no ControlNet "
+                                 "graphs); use engine auto or torch")
+        else:
+            res, notice = _generate_onnx(spec, engine, prompt, dict(
+                negative_prompt=negative_prompt, steps=steps, seed=seed, batch_size=batch_size, height=height,
+                width=width, noise=noise, guidance_scale=2.0 if guidance_scale is None else guidance_scale,
+                negative_mode=negative_mode, nasa_alpha=nasa_alpha, prompt_cache=prompt_cache))
+            if res is not None:
+                return res
+    elif engine == "onnx":
+        raise ValueError(f"{spec.id} is a teacher; the ONNX engine serves one- to four-step students (use auto or torch)")
+    from . import speed
+
+    pipe = speed.pipeline(model_id, torch_options, device=device)
     ctl, ctl_settings = None, None
     if control_image is not None:
         ctl, ctl_settings = _control(spec, pipe, control_image, preprocessor, control_model, control_scale,
@@ -49,10 +77,51 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
         res = onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                batch_size=batch_size, height=height, width=width, noise=noise,
                                guidance_scale=2.0 if guidance_scale is None else guidance_scale,
-                               negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=ctl)
+                               negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=ctl,
+                               prompt_cache=prompt_cache)
     if ctl_settings:
         res.settings["control"] = ctl_settings
+    res.notice = notice
+    res.info.setdefault("engine", "torch")
     return res
+
+
+def check_engine(engine: str | None) -> str:
+    engine = engine or os.environ.get("ONESTEP_ENGINE") or "auto"
+    if engine not in ENGINES:
+        raise ValueError(f"engine {str(engine)[:40]!r} is not supported; allowed: {', '.join(ENGINES)}")
+    return engine
+
+
+def _generate_onnx(spec, engine: str, prompt: str, kwargs: dict):
+    """(result, "") on the ONNX engine, or (None, notice) when PyTorch must serve ("auto" only; with
+    "onnx" every problem is raised)."""
+    from . import onnx_engine
+
+    try:
+        onnx_engine.check_exportable(spec)
+    except ValueError:
+        if engine == "onnx":
+            raise
+        return None, ""  # SANA / FLUX: PyTorch is their only engine
+    try:
+        eng, notice = onnx_engine.engine_for(spec, build="now" if engine == "onnx" else "auto")
+        if eng is None:
+            if engine == "onnx":
+                raise loading.LoadError(notice or f"no ONNX export of {spec.id}")
+            return None, notice
+        why = eng.unsupported(spec, kwargs["negative_prompt"], kwargs["negative_mode"], kwargs["nasa_alpha"],
+                              kwargs["height"], kwargs["width"])
+        if why:
+            if engine == "onnx":
+                raise ValueError(why)
+            return None, f"{why}; using PyTorch"
+        return onnx_engine.generate(eng, spec, prompt, **kwargs), ""
+    except (loading.LoadError, ImportError) as e:  # corrupt or stale graphs, onnxruntime missing
+        if engine == "onnx":
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        return None, f"ONNX engine unavailable ({first}); using PyTorch"
 
 
 def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, height, width):

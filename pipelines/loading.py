@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .registry import REWARD_MODELS, ModelSpec, get
+from .registry import REWARD_MODELS, TINY_DECODERS, ModelSpec, get
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 ALLOWED_PIPELINES = {
@@ -164,7 +164,7 @@ def hub_cached(spec: ModelSpec) -> bool:
 
 def prefetch(model_id: str) -> list[Path]:
     """Download a hub model's safetensors (with progress); return the local folders/files."""
-    if model_id in REWARD_MODELS.values():
+    if model_id in REWARD_MODELS.values() or model_id in TINY_DECODERS.values():
         return [hub_snapshot(model_id, download=True)]
     spec = get(model_id)
     if spec.is_local:
@@ -380,6 +380,149 @@ def load_noise(path: str | Path) -> tuple[torch.Tensor, dict]:
     return noise, json.loads(meta.get("onestep-settings", "{}"))
 
 
+def weights_fingerprint(folder: str | Path) -> str:
+    """A short hash of a model folder's weights and configs (what an ONNX export was made from).
+
+    Files up to 64 MB are hashed whole; larger ones by size and safetensors header (hashing gigabytes
+    on every start would cost seconds). The `onnx/` subfolder is not part of it. Memoized per file
+    (path, size, mtime), so a rewritten checkpoint is hashed again."""
+    import hashlib
+
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")
+                   and p.relative_to(folder).parts[0] != "onnx" and not p.name.startswith("."))
+    for p in files:
+        st = p.stat()
+        key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _FINGERPRINTS:
+            _FINGERPRINTS[key] = _file_digest(p, st.st_size)
+        h.update(f"{p.relative_to(folder).as_posix()}:{st.st_size}:{_FINGERPRINTS[key]};".encode())
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path, size: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= 64 * 1024 * 1024:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:  # size + safetensors header: names, shapes, dtypes and offsets of every tensor
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 and path.suffix == ".safetensors" else 0
+            h.update(head + f.read(min(n, MAX_HEADER)))
+    return h.hexdigest()
+
+
+ONNX_MANIFEST = "onestep-onnx.json"
+ONNX_FORMAT = 1
+ONNX_REEXPORT = "re-export it with: python -m pipelines export-onnx --model ID --out DIR"
+
+
+def onnx_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu and a GPU are here, else the CPU provider."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def read_onnx_manifest(folder: str | Path) -> dict:
+    """The manifest of an ONNX export folder (written by onnx_export.export), checked for format."""
+    path = Path(folder) / ONNX_MANIFEST
+    if not path.is_file():
+        raise ModelNotAvailable(f"{folder} is not an ONNX export of OneStep Studio (no {ONNX_MANIFEST}); "
+                                f"make one with: python -m pipelines export-onnx --model ID --out DIR")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"corrupt ONNX manifest {path}: not valid JSON ({e.__class__.__name__}); {ONNX_REEXPORT}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ONNX_FORMAT or not isinstance(manifest.get("graphs"), dict):
+        raise LoadError(f"{path} is not a format-{ONNX_FORMAT} OneStep ONNX manifest; {ONNX_REEXPORT}")
+    return manifest
+
+
+def check_onnx_file(folder: Path, entry: dict) -> Path:
+    """An exported graph file, checked against the size and sha256 its manifest recorded."""
+    import hashlib
+
+    name = str(entry.get("file", ""))
+    if not name.endswith(".onnx") or Path(name).name != name:
+        raise LoadError(f"ONNX manifest in {folder} names {name[:80]!r}; allowed: a .onnx file in that folder")
+    path = folder / name
+    if not path.is_file():
+        raise LoadError(f"ONNX graph {path} is missing; {ONNX_REEXPORT}")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise LoadError(f"corrupt or truncated ONNX graph {path}: {size} bytes where the export wrote "
+                        f"{entry.get('bytes')}; {ONNX_REEXPORT}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != entry.get("sha256"):
+        raise LoadError(f"corrupt ONNX graph {path}: its checksum differs from the export's; {ONNX_REEXPORT}")
+    return path
+
+
+def load_onnx(folder: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    """ONNX Runtime sessions of an export folder: (manifest, {graph: InferenceSession}, [tokenizers]).
+
+    Every graph file is checked against the manifest's size and sha256 before ONNX Runtime parses it,
+    so a corrupt or truncated file is a LoadError that says so. Graphs come only from this project's
+    own export (never downloaded); the tokenizers are the model's, copied beside them."""
+    import onnxruntime as ort
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    manifest = read_onnx_manifest(folder)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # warnings about unused initializers are noise here
+    sessions = {}
+    for name, entry in manifest["graphs"].items():
+        path = check_onnx_file(folder, entry)
+        try:
+            sessions[name] = ort.InferenceSession(str(path), opts, providers=providers or onnx_providers())
+        except Exception as e:  # onnxruntime raises its own exception classes for a bad graph
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+            raise LoadError(f"corrupt ONNX graph {path}: ONNX Runtime cannot load it ({first}); {ONNX_REEXPORT}") from None
+    tokenizers = []
+    for sub in manifest.get("tokenizers", []):
+        if Path(sub).name != sub or not (folder / sub).is_dir():
+            raise LoadError(f"ONNX export {folder} lacks its tokenizer folder {str(sub)[:80]!r}; {ONNX_REEXPORT}")
+        tokenizers.append(CLIPTokenizer.from_pretrained(str(folder / sub), local_files_only=True))
+    return manifest, sessions, tokenizers
+
+
+def load_tiny_decoder(source: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    """A diffusers AutoencoderTiny (TAESD, TAESDXL) from a local folder or a cached hub repo; safetensors only."""
+    from diffusers import AutoencoderTiny
+
+    path = _local(source)
+    if not path.is_dir():
+        raise ModelNotAvailable(f"tiny decoder folder {path} does not exist")
+    tensors = sorted(path.glob("*.safetensors"))
+    if not tensors:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        raise LoadError(f"{source} has no .safetensors tiny-decoder weights here"
+                        + (f" (only pickles: {', '.join(pickles)})" if pickles else f"; fetch them with: {prefetch_hint(str(source))}"))
+    for t in tensors:
+        check_safetensors(t)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    if cfg.get("_class_name") != "AutoencoderTiny":
+        raise LoadError(f"{path} is not an AutoencoderTiny folder (class {cfg.get('_class_name')!r}; allowed: AutoencoderTiny)")
+    device = device or default_device()
+    vae = AutoencoderTiny.from_pretrained(str(path), dtype=dtype or default_dtype(device), use_safetensors=True,
+                                          local_files_only=True)
+    return vae.to(device).eval()
+
+
 def loaded() -> list[tuple[str, str, str]]:
     with _LOCK:
         return list(_CACHE)
@@ -394,3 +537,4 @@ def clear_cache() -> None:
 MAX_LOADED = 4
 _LOCK = threading.Lock()
 _CACHE: OrderedDict = OrderedDict()
+_FINGERPRINTS: dict = {}

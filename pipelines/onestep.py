@@ -16,7 +16,10 @@ baseline that extrapolates the clean-latent predictions of two passes, x0 = x0_n
 """
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -54,6 +57,51 @@ class GenerationResult:
     images: list[Image.Image]
     timings: dict  # seconds: text_encoding, denoising, decoding, total
     settings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # engine ("torch" / "onnx"), prompt cache "hit" / "miss" / "off"
+    notice: str = ""  # one line for the timing line, e.g. why the ONNX engine was not used
+
+
+class PromptCache:
+    """LRU of text conditionings keyed by (model, prompt, height, width, device, dtype).
+
+    Live typing asks for the same prompt again and again (every seed, every batch, the negative
+    prompt), and a cached embedding skips the text encoder. An entry also remembers which text encoder
+    made it (a weak reference): a reloaded or retrained model with the same id is a miss, never a stale
+    hit. `clear(model)` drops one model's entries, `clear()` all."""
+
+    def __init__(self, size: int = 128):  # an SDXL entry is ~0.3 MB (77 x 2048 fp16)
+        self.size = size
+        self.hits = self.misses = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, owner):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is owner:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+            self.misses += 1
+            return None
+
+    def put(self, key: tuple, owner, value) -> None:
+        with self._lock:
+            self._entries[key] = (weakref.ref(owner), value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self, model: str | None = None) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if model is None or k[0] == model]:
+                del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+PROMPT_CACHE = PromptCache()
 
 
 def check_inputs(prompt: str, steps: int, height: int, width: int, seed: int, batch_size: int,
@@ -102,13 +150,25 @@ def latent_shape(pipe, batch: int, height: int, width: int) -> tuple[int, int, i
 
 def make_noise(pipe, seeds: list[int], height: int, width: int) -> torch.Tensor:
     """Initial noise, one CPU generator per image (image i of a batch is reproducible from its seed alone)."""
-    shape = latent_shape(pipe, 1, height, width)
+    return seeded_noise(seeds, latent_shape(pipe, 1, height, width))
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One (1, C, h, w) draw per seed from its own CPU generator, concatenated (also the ONNX engine's noise)."""
     return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a model's first floating-point parameter. diffusers' `.device` and `.dtype`
+    walk every submodule looking for offload and casting hooks: about a millisecond each on the
+    shapes UNet, several per generation, which live typing at tens of images per second notices."""
+    p = next(p for p in module.parameters() if p.is_floating_point())
+    return p.device, p.dtype
 
 
 def encode_prompt(pipe, prompts: list[str], height: int, width: int) -> Conditioning:
     """Text conditioning with gradients allowed (no no_grad here: ReNO may differentiate through it)."""
-    device = pipe.unet.device
+    device = placement(pipe.unet)[0]
     if hasattr(pipe, "text_encoder_2"):  # SDXL: two encoders, pooled embeds and size ids
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
@@ -116,6 +176,21 @@ def encode_prompt(pipe, prompts: list[str], height: int, width: int) -> Conditio
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids.repeat(len(prompts), 1)})
     embeds, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     return Conditioning(embeds)
+
+
+def cached_prompt(pipe, model: str, prompt: str, height: int, width: int, use_cache: bool = True) -> tuple[Conditioning, str]:
+    """The conditioning of one prompt through PROMPT_CACHE: (conditioning, "hit" | "miss" | "off")."""
+    if not use_cache:
+        return encode_prompt(pipe, [prompt], height, width), "off"
+    owner = pipe.text_encoder_2 if getattr(pipe, "text_encoder_2", None) is not None else pipe.text_encoder
+    key = (model, prompt, height, width, *map(str, placement(pipe.unet)))
+    cond = PROMPT_CACHE.get(key, owner)
+    if cond is not None:
+        return cond, "hit"
+    with torch.no_grad():
+        cond = encode_prompt(pipe, [prompt], height, width)
+    PROMPT_CACHE.put(key, owner, cond)
+    return cond, "miss"
 
 
 def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, prediction_type: str) -> torch.Tensor:
@@ -146,7 +221,8 @@ def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int],
     check_negative(negative_mode, nasa_alpha)
     ptype = prediction_type or pipe.scheduler.config.prediction_type
     unet = pipe.unet
-    x = noise.to(unet.device, unet.dtype)
+    device, dtype = placement(unet)
+    x = noise.to(device, dtype)
     use_nasa = negative is not None and negative_mode == "nasa"
     with nasa.applied(unet, negative.prompt_embeds, nasa_alpha) if use_nasa else nullcontext():
         return _sample(pipe, cond, x, timesteps, ptype, generator, renoise, None if use_nasa else negative,
@@ -160,7 +236,6 @@ def _unet(pipe, x, t_batch, cond, control):
 
 
 def _sample(pipe, cond, x, timesteps, ptype, generator, renoise, negative, guidance_scale, control) -> torch.Tensor:
-    unet = pipe.unet
     x0 = x
     for k, t in enumerate(timesteps):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -174,14 +249,14 @@ def _sample(pipe, cond, x, timesteps, ptype, generator, renoise, negative, guida
             nxt = timesteps[k + 1]
             abar = pipe.scheduler.alphas_cumprod[nxt].to(x.device, torch.float32)
             eps = renoise[k] if renoise is not None else torch.randn(x.shape, generator=generator)
-            x = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps.to(x.device, torch.float32)).to(unet.dtype)
+            x = (abar.sqrt() * x0 + (1 - abar).sqrt() * eps.to(x.device, torch.float32)).to(x.dtype)
     return x0
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] (differentiable)."""
     vae = pipe.vae
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+    return vae.decode(latents.to(placement(vae)[1]) / vae.config.scaling_factor).sample.float()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -194,16 +269,9 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 2.0,
-             steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
-             width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
-             prediction_type: str | None = None, negative_mode: str = "nasa",
-             nasa_alpha: float | None = None, control=None) -> GenerationResult:
-    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`); `control` as in `denoise`.
-
-    A negative prompt steers away with NASA at `nasa_alpha` (None: the model's default,
-    `spec.nasa_alpha`), or with negative_mode "cfg" through the CFG-style baseline at `guidance_scale`."""
+def resolve_request(spec: ModelSpec, prompt: str, negative_prompt: str, steps, seed: int, batch_size: int, height,
+                    width, negative_mode: str, nasa_alpha) -> tuple[int, int, int, float]:
+    """Defaults from the spec and every input check of `generate`: (steps, height, width, nasa_alpha)."""
     steps = spec.steps if steps is None else steps
     height = spec.resolution if height is None else height
     width = spec.resolution if width is None else width
@@ -214,15 +282,32 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     if len(negative_prompt) > MAX_PROMPT_CHARS:
         raise ValueError(f"negative prompt is {len(negative_prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
     check_negative(negative_mode, nasa_alpha)
+    return steps, height, width, nasa_alpha
+
+
+@torch.no_grad()
+def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 2.0,
+             steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
+             width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
+             prediction_type: str | None = None, negative_mode: str = "nasa",
+             nasa_alpha: float | None = None, control=None, prompt_cache: bool = True) -> GenerationResult:
+    """Generate `batch_size` images (image i from seed + i, or from `noise[i]`); `control` as in `denoise`.
+
+    A negative prompt steers away with NASA at `nasa_alpha` (None: the model's default,
+    `spec.nasa_alpha`), or with negative_mode "cfg" through the CFG-style baseline at `guidance_scale`.
+    Prompt embeddings come from PROMPT_CACHE unless `prompt_cache` is False."""
+    steps, height, width, nasa_alpha = resolve_request(spec, prompt, negative_prompt, steps, seed, batch_size, height,
+                                                       width, negative_mode, nasa_alpha)
     if spec.family not in ("sd", "sdxl"):
         return _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width)
     seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch_size)]
-    device = pipe.unet.device
+    device = placement(pipe.unet)[0]
     t0 = time.perf_counter()
-    cond = encode_prompt(pipe, [prompt], height, width).repeat(batch_size)
+    cond, cache_state = cached_prompt(pipe, spec.id, prompt, height, width, prompt_cache)
+    cond = cond.repeat(batch_size)
     negative = None
     if negative_prompt:  # NASA attends to one negative for the whole batch; CFG runs it per image
-        negative = encode_prompt(pipe, [negative_prompt], height, width)
+        negative, _ = cached_prompt(pipe, spec.id, negative_prompt, height, width, prompt_cache)
         negative = negative if negative_mode == "nasa" else negative.repeat(batch_size)
     sync(device)
     t1 = time.perf_counter()
@@ -240,11 +325,19 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
     sync(device)
     t3 = time.perf_counter()
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
+    settings = request_settings(spec, prompt, negative_prompt, steps, seed, batch_size, height, width, ts,
+                                negative_mode, nasa_alpha, guidance_scale)
+    return GenerationResult(to_pil(images), timings, settings, {"engine": "torch", "prompt_cache": cache_state})
+
+
+def request_settings(spec: ModelSpec, prompt, negative_prompt, steps, seed, batch_size, height, width, ts,
+                     negative_mode, nasa_alpha, guidance_scale) -> dict:
+    """What a PNG carries to reproduce a student's image (the same for every engine)."""
     settings = {"model": spec.id, "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
                 "batch_size": batch_size, "height": height, "width": width, "timesteps": ts}
     if negative_prompt:  # all it takes to reproduce the negative (a PNG restores it)
         settings.update(negative_mode=negative_mode, nasa_alpha=nasa_alpha, guidance_scale=guidance_scale)
-    return GenerationResult(to_pil(images), timings, settings)
+    return settings
 
 
 def _generate_other(pipe, spec, prompt, steps, seed, batch_size, height, width) -> GenerationResult:

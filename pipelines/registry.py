@@ -39,6 +39,10 @@ class ModelSpec:
     controlnets: tuple[tuple[str, str], ...] = ()  # (preprocessor, ControlNet folder or repo) for this model
     nct: tuple[tuple[str, str], ...] = ()  # (preprocessor, NCT adapter folder) trained on this one-step student
     description: str = ""
+    # ONNX Runtime graphs of a student (pipelines/onnx_engine.py): "" = found by convention only
+    # (`<model folder>/onnx/`, or the export cache), "build" = also exported into the cache on first
+    # use, anything else = that folder (relative paths are under the repo root)
+    onnx: str = ""
 
     @property
     def is_local(self) -> bool:
@@ -75,7 +79,7 @@ SHAPES_CLIP = ROOT / SHAPES_DIR / "clip"  # CLIP score / reward model of the emb
 MODELS: dict[str, ModelSpec] = {m.id: m for m in [
     ModelSpec("shapes-64", "sd", "student", f"{SHAPES_DIR}/student", teacher="shapes-64-teacher", resolution=64,
               steps=1, timesteps=(999,), nasa_alpha=0.5, licence="Apache-2.0 (trained by this project)",
-              memory_gb=0.1, nct=(("canny", f"{SHAPES_DIR}/nct-canny"),),
+              memory_gb=0.1, nct=(("canny", f"{SHAPES_DIR}/nct-canny"),), onnx="build",
               description="embedded one-step DMD2 student of the shapes world (CPU real time)"),
     ModelSpec("shapes-64-teacher", "sd", "teacher", f"{SHAPES_DIR}/teacher", resolution=64, steps=25,
               guidance_scale=5.0, guidance_rescale=0.7, licence="Apache-2.0 (trained by this project)",
@@ -83,7 +87,7 @@ MODELS: dict[str, ModelSpec] = {m.id: m for m in [
               description="embedded multi-step teacher of the shapes world (v-prediction, zero SNR)"),
     ModelSpec("shapes-64-4step", "sd", "student", f"{SHAPES_DIR}/student-4step", teacher="shapes-64-teacher",
               resolution=64, steps=4, timesteps=(999, 749, 499, 249), nasa_alpha=0.5,
-              licence="Apache-2.0 (trained by this project)", memory_gb=0.1,
+              licence="Apache-2.0 (trained by this project)", memory_gb=0.1, onnx="build",
               description="embedded four-step DMD2 student (backward simulation)"),
     ModelSpec("shapes-64-msd", "sd", "student", f"{SHAPES_DIR}/msd", teacher="shapes-64-teacher", resolution=64,
               steps=1, timesteps=(999,), nasa_alpha=0.5, licence="Apache-2.0 (trained by this project)",
@@ -127,6 +131,8 @@ DEFAULT_MODEL = "shapes-64"
 
 # reward models for ReNO on hub models (CLIPModel folders in hub layout; `prefetch` fetches them)
 REWARD_MODELS = {"clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pickscore": "yuvalkirstain/PickScore_v1"}
+# tiny decoders (diffusers AutoencoderTiny, safetensors) per family, for the --tiny-decoder option
+TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 
 
 class UnknownModelError(KeyError):

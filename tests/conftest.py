@@ -8,6 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("ONESTEP_ONNX_BUILD", "0")  # no background ONNX exports unless a test asks for one
 
 
 @pytest.fixture(scope="session")

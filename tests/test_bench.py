@@ -1,12 +1,67 @@
-"""The benchmark runs end to end on a tiny student/teacher pair (it measures; it does not assert speed)."""
+"""The benchmark runs end to end on a tiny student (it measures; it does not assert speed): every
+section produces its numbers, the results JSON and the README table are written."""
 import json
 
-from bench.__main__ import main
+import pytest
+
+from bench import report
+from bench.__main__ import machine_name, main
 
 
-def test_bench_student_vs_teacher_writes_results(tmp_path, tiny_student):
+def test_bench_student_vs_teacher_writes_results(tmp_path, tiny_student, monkeypatch):
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
-    assert main(["--student", str(tiny_student), "--batches", "1,2", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["--student", str(tiny_student), "--batches", "1,2", "--repeats", "1", "--seconds", "0",
+                 "--skip", "cold,reno,control,nasa", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["batch"] for r in res["rows"]] == [1, 2]
     assert all(r["student_images_per_s"] > 0 and r["ratio"] > 0 for r in res["rows"])
+    assert res["nasa"] == {"skipped": True}
+
+
+def test_bench_every_section_on_a_shapes_student(tmp_path, shapes_student, monkeypatch, capsys):
+    """shapes_student: a tiny student whose teacher is shapes-64-teacher, so ReNO uses the tiny CLIP."""
+    monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
+    assert main(["--student", str(shapes_student), "--batches", "1,2", "--repeats", "1", "--seconds", "0",
+                 "--note", "tiny test student", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
+    assert not errors
+    st = res["student_throughput"]
+    for row in st["rows"]:
+        assert all(row[k]["images_per_s"] > 0 for k in ("eager", "torch_cached", "onnx"))
+        assert row["onnx_vs_eager"] > 0
+    te = res["teacher"]
+    assert te["teacher_nfe"] == 50 and te["nfe_ratio"] == 50  # 25 steps, CFG: two UNet evaluations a step
+    assert all(r["speedup"] > 0 and r["speedup_over_nfe_ratio"] == pytest.approx(r["speedup"] / 50) for r in te["rows"])
+    assert set(res["nasa"]) >= {"torch", "onnx"} and res["nasa"]["onnx"]["nasa_ratio"] > 0
+    assert res["reno"]["iterations"] == 10 and res["reno"]["seconds_per_iteration"] > 0
+    assert res["control"]["batch1"]["overhead"] > 0
+    assert res["cold_start"]["torch"]["seconds"] > res["cold_start"]["torch"]["first_image_seconds"] > 0
+    assert res["cold_start"]["onnx"]["seconds"] > 0
+    fl = res["flops"]
+    assert fl["gflop_per_image"]["total"] == pytest.approx(sum(v for k, v in fl["gflop_per_image"].items() if k != "total"))
+    assert fl["matmul_peak"]["gflops_per_s"] > 0 and 0 < fl["rows"][0]["onnx_fraction_of_peak"]
+    table = capsys.readouterr().out
+    assert "ONNX Runtime img/s" in table and "tiny test student" in table and "cold start" in table
+    # the README section is replaced between its markers, the rest kept
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nrest\n")
+    report.update_readme(res, readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old table" not in text
+    assert "| 2 |" in text and res["machine"] in text
+
+
+def test_bench_bad_arguments_are_one_line(capsys):
+    assert main(["--batches", "0,99"]) == 2
+    assert main(["--skip", "everything"]) == 2
+    assert main(["--student", "no/such"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "allowed" in err[0] and "allowed" in err[1] and "unknown model" in err[2]
+
+
+def test_machine_name_is_a_short_slug():
+    name = machine_name()
+    assert name == name.lower() and " " not in name and len(name) < 60

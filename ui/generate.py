@@ -16,13 +16,19 @@ HISTORY_LIMIT = 48
 NEGATIVE_MODES = [("NASA", "nasa"), ("CFG", "cfg")]  # (label, value the API takes)
 
 
-def timing_line(timings: dict, n: int, session: dict | None = None) -> str:
+def timing_line(timings: dict, n: int, session: dict | None = None, info: dict | None = None, notice: str = "") -> str:
     ms = {k: v * 1000 for k, v in timings.items()}
     line = (f"text encoding {ms['text_encoding']:.0f} ms · denoising {ms['denoising']:.0f} ms · "
             f"decoding {ms['decoding']:.0f} ms · total {ms['total']:.0f} ms · "
             f"{n / max(timings['total'], 1e-9):.1f} images/s")
+    if info and info.get("engine"):
+        line += f" · {'ONNX Runtime' if info['engine'] == 'onnx' else 'PyTorch'}"
+        if info.get("prompt_cache") == "hit":
+            line += " (cached prompt)"
     if session and session.get("seconds"):
         line += f" · running {session['images'] / session['seconds']:.1f} images/s over {session['images']} images"
+    if notice:
+        line += f" · notice: {notice}"
     return line
 
 
@@ -45,7 +51,8 @@ def build_generate(services: Services) -> dict:
             # unguessable names: outputs/ is served, and other users must not find this user's images
             path = services.outputs / f"{stamp}-{secrets.token_hex(8)}-{settings['seed']}.png"
             files.append((str(generation.save_png(img, path, settings)), f"seed {settings['seed']}"))
-        return files, timing_line(res.timings, len(files)), str(seed), {"files": files, "timings": res.timings}
+        last = {"files": files, "timings": res.timings, "info": res.info, "notice": res.notice}
+        return files, timing_line(res.timings, len(files), None, res.info, res.notice), str(seed), last
 
     def remember(last, history, session):
         """This tab's history and running images/s (per browser session: other users never see them)."""
@@ -54,7 +61,8 @@ def build_generate(services: Services) -> dict:
         session = {"images": (session or {}).get("images", 0) + len(last["files"]),
                    "seconds": (session or {}).get("seconds", 0.0) + last["timings"]["total"]}
         history = (last["files"] + list(history or []))[:HISTORY_LIMIT]
-        return history, history, session, timing_line(last["timings"], len(last["files"]), session)
+        return history, history, session, timing_line(last["timings"], len(last["files"]), session, last.get("info"),
+                                                      last.get("notice", ""))
 
     @user_errors
     def restore(path):
