@@ -128,3 +128,50 @@ def test_keystroke_to_image_latency(tiny_student, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "latency.json").write_text(json.dumps(result, indent=2))
     print(result)
+
+
+@pytest.fixture
+def shapes_page(shapes_student, tmp_path):
+    """The page serving the tiny student as a shapes-world model (its reward: the embedded tiny CLIP)."""
+    from playwright.sync_api import sync_playwright
+
+    services = Services(outputs=tmp_path / "outputs", default_model=str(shapes_student),
+                        extra_models=[str(shapes_student)])
+    demo = build_demo(services)
+    port = free_port()
+    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
+        page.locator("#prompt textarea").wait_for(timeout=120_000)
+        yield page
+        browser.close()
+    demo.close()
+
+
+def test_refine_tab_runs_live_and_exports_noise(shapes_page):
+    from playwright.sync_api import expect
+
+    page = shapes_page
+    page.get_by_role("tab", name="Refine").click()
+    page.locator("#refine-btn").click()
+    expect(page.locator("#refine-status")).to_contain_text("iteration", timeout=60_000)
+    expect(page.locator("#refine-status")).to_contain_text("Done", timeout=120_000)
+    expect(page.locator("#refine-preview img")).to_be_visible()
+    expect(page.locator("#refine-noise-out")).to_contain_text(".safetensors", timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-refine.png"), full_page=True)
+
+
+def test_control_tab_layout_preview_and_side_by_side(shapes_page):
+    from playwright.sync_api import expect
+
+    page = shapes_page
+    page.get_by_role("tab", name="Control").click()
+    page.locator("#control-from-prompt").click()
+    expect(page.locator("#control-map img")).to_be_visible(timeout=60_000)
+    page.locator("#control-btn").click()
+    # the tiny student has no NCT adapter and its teacher no ControlNet here: each way says so
+    expect(page.locator("#control-summary")).to_contain_text("unavailable", timeout=90_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-control.png"), full_page=True)
