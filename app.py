@@ -50,6 +50,8 @@ demo = build_demo(make_services(training=training_allowed(parse_args([]))))
 if __name__ == "__main__":
     args = parse_args()
     if training_allowed(args) != demo.services.training:  # e.g. --listen without --enable-training
+        if demo.services.jobs is not None:  # the loopback build's job manager must not keep starting jobs
+            demo.services.jobs.close()
         demo = build_demo(make_services(training=training_allowed(args)))
     kwargs = launch_kwargs(demo.services, host=host_for(args), port=args.port, share=args.share)
     if args.auth:

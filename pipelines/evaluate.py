@@ -32,7 +32,7 @@ def check_prompts(prompts: list[str], where: str) -> list[str]:
 
 def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, steps: int | None = None, seed: int = 0,
              save_images: str | Path | None = None, progress=None, reno=None, rewards=None, control: str | None = None,
-             control_model: str = "auto", control_scale: float = 1.0) -> dict:
+             control_model: str = "auto", control_scale: float = 1.0, device: str | None = None) -> dict:
     """Generate and judge; image j of prompt i uses seed + j (the same noise for every prompt).
 
     `reno` (a RenoConfig) refines every image with `rewards` (None: the model's defaults); the summary
@@ -43,10 +43,11 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
 
     if control is not None:
         return _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, control,
-                                 control_model, control_scale)
+                                 control_model, control_scale, device)
 
     if reno is not None:
-        return _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, reno, rewards)
+        return _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, reno, rewards,
+                              device)
 
     specs = [parse(p) for p in prompts]
     out_dir = Path(save_images) if save_images else None
@@ -58,7 +59,7 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
         if model_id == "renderer":
             images = [render(spec, seed + j) for j in range(images_per_prompt)]
         else:
-            res = generate(model_id, prompt, steps=steps, seed=seed, batch_size=images_per_prompt)
+            res = generate(model_id, prompt, steps=steps, seed=seed, batch_size=images_per_prompt, device=device)
             images = [np.asarray(im.convert("RGB")) for im in res.images]
         seconds += time.perf_counter() - t0
         for j, img in enumerate(images):
@@ -81,12 +82,13 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
     return summary
 
 
-def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards) -> dict:
+def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards,
+                   device=None) -> dict:
     from . import loading, reno
     from .registry import get
 
     spec = get(model_id)
-    pipe = loading.load_pipeline(model_id)
+    pipe = loading.load_pipeline(model_id, device=device)
     out_dir = Path(save_images) if save_images else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,7 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
 
 
 def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, preprocessor,
-                      control_model, scale) -> dict:
+                      control_model, scale, device=None) -> dict:
     """Control consistency = edge F1 (1-pixel tolerance) and mean absolute difference between the
     input's control map and the output's, beside ShapeEval of the outputs."""
     from PIL import Image
@@ -139,7 +141,7 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
         for j in range(images_per_prompt):
             layout = render(spec, 10_000 + i * images_per_prompt + j)
             res = generate(model_id, prompt, steps=steps, seed=seed + j, control_image=layout,
-                           preprocessor=preprocessor, control_model=control_model, control_scale=scale)
+                           preprocessor=preprocessor, control_model=control_model, control_scale=scale, device=device)
             seconds += res.timings["total"]
             settings = res.settings["control"]
             out = np.asarray(res.images[0].convert("RGB"))

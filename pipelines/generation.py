@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from . import control, loading, msd, onestep, teacher
+from .errors import first_line
 from .registry import get
 
 SETTINGS_KEY = "onestep-settings"
@@ -120,7 +121,7 @@ def _generate_onnx(spec, engine: str, prompt: str, kwargs: dict):
     except (loading.LoadError, ImportError) as e:  # corrupt or stale graphs, onnxruntime missing
         if engine == "onnx":
             raise
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        first = first_line(e, 300)
         return None, f"ONNX engine unavailable ({first}); using PyTorch"
 
 
@@ -132,6 +133,18 @@ def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, heig
     model = loading.load_controlnet(source, device=str(pipe.unet.device), dtype=pipe.unet.dtype)
     ctl = control.Control(model, control.map_tensor(control_map, batch, pipe.unet.device, pipe.unet.dtype), scale)
     return ctl, {"preprocessor": preprocessor, "model": source, "kind": kind, "scale": scale, **settings}
+
+
+def free_memory() -> None:
+    """Drop every model, reward, engine and prompt embedding this process holds (a training job is
+    about to take the GPU)."""
+    from . import onnx_engine, rewards, speed
+
+    loading.clear_cache()
+    rewards.clear()
+    speed.clear()
+    onnx_engine.clear()
+    onestep.PROMPT_CACHE.clear()
 
 
 def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import first_line
 from .registry import REWARD_MODELS, TINY_DECODERS, ModelSpec, get
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
@@ -256,7 +257,7 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
     try:
         return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+        first = first_line(e, 300)
         raise LoadError(f"could not load {spec.id}: {first}") from None
 
 
@@ -265,17 +266,18 @@ _CONTROL_CACHE: OrderedDict = OrderedDict()
 
 def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
     """A diffusers ControlNetModel folder (a ControlNet or an NCT adapter) or cached hub repo,
-    safetensors only; cached per (source, device, dtype)."""
+    safetensors only; cached per (source, device, dtype, weights' mtimes): retrained in place, reloaded."""
     from diffusers import ControlNetModel
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    key = (str(source), str(device), str(dtype))
+    path = local_folder(source)
+    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors"))) if path.is_dir() else ()
+    key = (str(source), str(device), str(dtype), stamp)
     with _LOCK:
         if key in _CONTROL_CACHE:
             _CONTROL_CACHE.move_to_end(key)
             return _CONTROL_CACHE[key]
-    path = _local(source)
     if not path.is_dir():
         raise ModelNotAvailable(f"control model {source} does not exist" + (
             "; the embedded ones are built by: python -m training.recipes.shapes --out assets/models/shapes-64"
@@ -295,7 +297,7 @@ def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.
         model = ControlNetModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
                                                 dtype=dtype).to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        raise LoadError(f"could not load control model {source}: {str(e).strip().splitlines()[0][:300]}") from None
+        raise LoadError(f"could not load control model {source}: {first_line(e)}") from None
     with _LOCK:
         _CONTROL_CACHE[key] = model
         while len(_CONTROL_CACHE) > MAX_LOADED:
@@ -310,7 +312,7 @@ def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str |
     comes from `tokenizer_path` when the weights' repo has none (PickScore uses the LAION CLIP's)."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = _local(path)
+    path = local_folder(path)
     tensors = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not tensors:
         pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
@@ -321,13 +323,13 @@ def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str |
     if cfg.get("model_type") != "clip":
         raise LoadError(f"{path} is not a CLIP model folder (config model_type {cfg.get('model_type')!r}; allowed: 'clip')")
     model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
-    tok = CLIPTokenizer.from_pretrained(str(_local(tokenizer_path) if tokenizer_path else path), local_files_only=True)
+    tok = CLIPTokenizer.from_pretrained(str(local_folder(tokenizer_path) if tokenizer_path else path), local_files_only=True)
     return model.to(device or default_device()), tok
 
 
 def check_clip_available(source: str | Path, weights: bool = True) -> None:
     """Raise LoadError (what is missing, how to fetch it) unless a CLIP folder or cached repo is here."""
-    path = _local(source)
+    path = local_folder(source)
     if not path.is_dir():
         raise ModelNotAvailable(f"CLIP model folder {path} does not exist")
     if weights and not any(path.glob("*.safetensors")):
@@ -335,10 +337,6 @@ def check_clip_available(source: str | Path, weights: bool = True) -> None:
 
 
 def local_folder(source: str | Path) -> Path:
-    return _local(source)
-
-
-def _local(source: str | Path) -> Path:
     """A folder as is, or a hub repo id resolved to its cached snapshot (never downloads)."""
     path = Path(source)
     if path.exists() or not _looks_like_repo(str(source)):
@@ -490,7 +488,7 @@ def load_onnx(folder: str | Path, threads: int | None = None, providers: list[st
         try:
             sessions[name] = ort.InferenceSession(str(path), opts, providers=providers or onnx_providers())
         except Exception as e:  # onnxruntime raises its own exception classes for a bad graph
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+            first = first_line(e, 200)
             raise LoadError(f"corrupt ONNX graph {path}: ONNX Runtime cannot load it ({first}); {ONNX_REEXPORT}") from None
     tokenizers = []
     for sub in manifest.get("tokenizers", []):
@@ -504,7 +502,7 @@ def load_tiny_decoder(source: str | Path, device: str | None = None, dtype: torc
     """A diffusers AutoencoderTiny (TAESD, TAESDXL) from a local folder or a cached hub repo; safetensors only."""
     from diffusers import AutoencoderTiny
 
-    path = _local(source)
+    path = local_folder(source)
     if not path.is_dir():
         raise ModelNotAvailable(f"tiny decoder folder {path} does not exist")
     tensors = sorted(path.glob("*.safetensors"))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import loading, onestep, onnx_export, registry
+from .errors import first_line
 from .onnx_export import check_exportable, token_ids
 from .registry import ModelSpec
 
@@ -118,12 +119,12 @@ def build_in_background(spec: ModelSpec) -> str:
         if key in _BUILD_ERRORS:
             return f"ONNX engine unavailable ({_BUILD_ERRORS[key]}); using PyTorch"
         thread = _BUILDS.get(key)
-        if thread is None:
+        if thread is None or not thread.is_alive():  # never started, or finished and its export is gone since
             def run():
                 try:
                     export(spec.id, target)
                 except Exception as e:  # reported on the next request's notice, not lost
-                    _BUILD_ERRORS[key] = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:200]
+                    _BUILD_ERRORS[key] = first_line(e, 200)
 
             thread = threading.Thread(target=run, name=f"onnx-export-{_slug(spec.id)}", daemon=True)
             _BUILDS[key] = thread
@@ -191,7 +192,7 @@ class Engine:
         try:
             return self.sessions[graph].run(None, feeds)
         except Exception as e:  # onnxruntime's own exception classes (Fail, InvalidArgument, ...)
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+            first = first_line(e, 200)
             raise EngineError(f"ONNX Runtime failed running {graph} ({first})") from None
 
     def denoise(self, cond: dict, noise: torch.Tensor, timesteps: list[int], generator: torch.Generator | None = None,
@@ -304,3 +305,9 @@ def generate(engine: Engine, spec: ModelSpec, prompt: str, *, negative_prompt: s
                                         negative_mode, nasa_alpha, guidance_scale)
     return onestep.GenerationResult(onestep.to_pil(torch.from_numpy(images)), timings, settings,
                                     {"engine": "onnx", "prompt_cache": cache_state})
+
+
+def clear() -> None:
+    """Forget every loaded engine (their sessions hold the graphs' memory)."""
+    with _ENGINE_LOCK:
+        _ENGINES.clear()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import loading, msd, nasa, onestep, registry
+from .errors import first_line
 from .registry import ModelSpec
 
 OPSET = 17
@@ -283,7 +284,7 @@ def _export_one(module, args, path: Path, in_names, out_names, dynamic_axes) -> 
             torch.onnx.export(module, args, str(path), dynamo=False, input_names=in_names, output_names=out_names,
                               dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True)
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else e.__class__.__name__
+            first = first_line(e, 300)
             raise ValueError(f"ONNX export of {path.stem} failed: {first}") from None
 
 

@@ -114,6 +114,9 @@ class Refinement:
         onestep.check_inputs(prompt, steps, height, width, seed, 1)
         if spec.family not in ("sd", "sdxl"):
             raise ValueError(f"ReNO needs a UNet student (SD or SDXL family); {spec.id} is {spec.family}")
+        if spec.is_local and (spec.path / "msd.json").is_file():
+            raise ValueError("ReNO refines one student; a multi-student (MSD) model routes prompts: pick one of its "
+                             "students' folders")
         self.rewards = load_rewards(spec, weights, pipe.unet.device)
         self.timesteps = onestep.resolve_timesteps(spec, steps, None, pipe.scheduler.config.num_train_timesteps)
         shape = onestep.latent_shape(pipe, 1, height, width)
@@ -140,39 +143,33 @@ class Refinement:
         with torch.no_grad():
             cond = onestep.encode_prompt(pipe, [prompt], self.height, self.width)
         opt = torch.optim.SGD([self.eps], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-        frozen = [p for m in (pipe.unet, pipe.vae) for p in m.parameters() if p.requires_grad]
-        for p in frozen:  # only the noise is optimized; the cached pipeline is left as it was found
-            p.requires_grad_(False)
         self._t0 = time.perf_counter()
-        try:
-            for i in range(cfg.iterations):
-                images = onestep.decode(pipe, onestep.denoise(pipe, cond, self.eps, self.timesteps, renoise=self.renoise))
-                scores = {name: r.score(images, [prompt]) for name, (r, _) in self.rewards.items()}
-                loss = sum(w * (r.offset - scores[name]) for name, (r, w) in self.rewards.items()).sum()
-                image = onestep.to_pil(images)[0]
-                record = {"iteration": i, "rewards": {n: float(s) for n, s in scores.items()}, "loss": float(loss),
-                          "noise_norm": float(self.eps.detach().norm()), "seconds": time.perf_counter() - self._t0}
-                is_best = self._best is None or record["loss"] < self._best[0]
-                if is_best:
-                    self._best = (record["loss"], i, image, self.eps.detach().cpu().clone())
-                if self._initial is None:
-                    self._initial = image
-                self.history.append(record)
-                yield RenoStep(i, image, record["rewards"], record["loss"], record["noise_norm"], record["seconds"], is_best)
-                if i + 1 == cfg.iterations:
-                    self.stopped = "iterations"
-                    break
-                if cfg.seconds and time.perf_counter() - self._t0 >= cfg.seconds:
-                    self.stopped = "time"
-                    break
-                opt.zero_grad(set_to_none=True)
-                (loss + cfg.reg_weight * noise_prior(self.eps).sum()).backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([self.eps], cfg.grad_clip)
-                opt.step()
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        for i in range(cfg.iterations):
+            images = onestep.decode(pipe, onestep.denoise(pipe, cond, self.eps, self.timesteps, renoise=self.renoise))
+            scores = {name: r.score(images, [prompt]) for name, (r, _) in self.rewards.items()}
+            loss = sum(w * r.loss_of(scores[name]) for name, (r, w) in self.rewards.items()).sum()
+            image = onestep.to_pil(images)[0]
+            record = {"iteration": i, "rewards": {n: float(s) for n, s in scores.items()}, "loss": float(loss),
+                      "noise_norm": float(self.eps.detach().norm()), "seconds": time.perf_counter() - self._t0}
+            is_best = self._best is None or record["loss"] < self._best[0]
+            if is_best:
+                self._best = (record["loss"], i, image, self.eps.detach().cpu().clone())
+            if self._initial is None:
+                self._initial = image
+            self.history.append(record)
+            yield RenoStep(i, image, record["rewards"], record["loss"], record["noise_norm"], record["seconds"], is_best)
+            if i + 1 == cfg.iterations:
+                self.stopped = "iterations"
+                break
+            if cfg.seconds and time.perf_counter() - self._t0 >= cfg.seconds:
+                self.stopped = "time"
+                break
+            # the noise's gradient alone: the shared, cached model's weights and flags are never touched
+            (grad,) = torch.autograd.grad(loss + cfg.reg_weight * noise_prior(self.eps).sum(), [self.eps])
+            if cfg.grad_clip:  # clip the gradient norm, as ReNO does
+                grad = grad * (cfg.grad_clip / grad.norm().clamp_min(1e-12)).clamp(max=1.0)
+            self.eps.grad = grad
+            opt.step()
 
     def result(self) -> RenoResult:
         if self._best is None:

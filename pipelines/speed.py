@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import loading, onestep, registry
+from .errors import first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,7 +112,7 @@ def _compile(variant, spec) -> None:
         variant.vae = vae
         onestep.generate(variant, spec, "warm-up", prompt_cache=False)
     except Exception as e:  # inductor raises many classes (no compiler, unsupported op, ...)
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+        first = first_line(e, 200)
         raise ValueError(f"torch.compile does not work here ({e.__class__.__name__}: {first}); "
                          "run without --compile") from None
 

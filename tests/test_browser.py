@@ -162,6 +162,13 @@ def test_refine_tab_runs_live_and_exports_noise(shapes_page):
     expect(page.locator("#refine-preview img")).to_be_visible()
     expect(page.locator("#refine-noise-out")).to_contain_text(".safetensors", timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-refine.png"), full_page=True)
+    # a long run, cancelled: it stops after the current iteration and still keeps its best iterate
+    page.locator("#refine-iterations input[type=number]").fill("200")
+    page.locator("#refine-iterations input[type=number]").press("Enter")
+    page.locator("#refine-btn").click()
+    expect(page.locator("#refine-status")).to_contain_text("iteration", timeout=60_000)
+    page.locator("#refine-cancel").click()
+    expect(page.locator("#refine-status")).to_contain_text("Done (cancelled)", timeout=60_000)
 
 
 def test_control_tab_layout_preview_and_side_by_side(shapes_page):

@@ -1,5 +1,6 @@
 """Four gradio_client users on loopback for 60 s (ONESTEP_CONCURRENCY_SECONDS to change): no request
-fails, and every image a user gets back was made from that user's own prompt and seed."""
+fails, and every image a user gets back is pixel for pixel the one its own prompt and seed make alone
+(one user steers with a NASA negative prompt, whose attention processors live on the shared model)."""
 import os
 import threading
 import time
@@ -13,7 +14,11 @@ from ui import build_demo, launch_kwargs, queue
 from ui.services import Services
 
 SECONDS = float(os.environ.get("ONESTEP_CONCURRENCY_SECONDS", "60"))
+import numpy as np
+
 PROMPTS = ["a red circle", "two blue squares", "a green circle above a red square", "a photo of a cat"]
+NEGATIVES = ["", "", "", "red"]
+SEEDS = 3  # each user cycles over its own 3 seeds, each with a reference image made serially first
 
 
 def test_four_users_for_a_minute(tiny_student, tmp_path):
@@ -23,19 +28,29 @@ def test_four_users_for_a_minute(tiny_student, tmp_path):
     queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
     url = f"http://127.0.0.1:{port}/"
     results = {i: {"ok": 0, "errors": [], "wrong": []} for i in range(len(PROMPTS))}
+
+    def call(client, i, seed):
+        gallery, _, seed_out = client.predict(str(tiny_student), PROMPTS[i], NEGATIVES[i], seed, False, 1, 64, 1,
+                                              "nasa", 1.0, api_name="/generate")
+        image = Image.open(gallery[0]["image"])
+        return image, seed_out
+
+    alone = Client(url, verbose=False)
+    reference = {(i, n): np.asarray(call(alone, i, str(1000 * i + n))[0].convert("RGB"))
+                 for i in range(len(PROMPTS)) for n in range(SEEDS)}
     deadline = time.monotonic() + SECONDS
 
     def user(i):
         client = Client(url, verbose=False)
         n = 0
         while time.monotonic() < deadline:
-            prompt, seed = PROMPTS[i], str(1000 * i + n)
+            seed = str(1000 * i + n % SEEDS)
             try:
-                gallery, timing, seed_out = client.predict(str(tiny_student), prompt, "", seed, False, 1, 64, 1,
-                                                           api_name="/generate")
-                settings = read_settings(Image.open(gallery[0]["image"]))
-                if settings["prompt"] != prompt or str(settings["seed"]) != seed or seed_out != seed:
-                    results[i]["wrong"].append((prompt, seed, settings["prompt"], settings["seed"]))
+                image, seed_out = call(client, i, seed)
+                settings = read_settings(image)
+                same = np.array_equal(np.asarray(image.convert("RGB")), reference[(i, n % SEEDS)])
+                if settings["prompt"] != PROMPTS[i] or seed_out != seed or not same:
+                    results[i]["wrong"].append((PROMPTS[i], seed, settings["prompt"], seed_out, same))
                 else:
                     results[i]["ok"] += 1
             except Exception as e:  # any failure is a finding

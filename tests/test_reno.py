@@ -61,6 +61,17 @@ def test_best_iterate_not_last(student):
     assert [s.best for s in seen] == [True, True, True, False, False]
 
 
+def test_shared_model_is_left_untouched(student, clip_reward):
+    """ReNO differentiates only the noise: the cached pipeline's flags and .grad stay as they were."""
+    pipe, _ = student
+    before = [p.requires_grad for p in pipe.unet.parameters()]
+    _run(student, clip_reward, config=reno.RenoConfig(iterations=3))
+    seen = []
+    _run(student, clip_reward, config=reno.RenoConfig(iterations=9), callback=seen.append, cancel=lambda: len(seen) > 1)
+    assert [p.requires_grad for p in pipe.unet.parameters()] == before
+    assert all(p.grad is None for m in (pipe.unet, pipe.vae) for p in m.parameters())
+
+
 def test_cancel_stops_within_one_iteration(student, clip_reward):
     seen = []
     res = _run(student, clip_reward, config=reno.RenoConfig(iterations=50), callback=seen.append,

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import Client
 
 from ui import build_demo, launch_kwargs, queue
 from ui.services import Services

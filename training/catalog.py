@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pipelines import registry
+from pipelines import loading, registry
 
 from . import checkpoint
 from .config import CONFIGS, field_names, from_dict
@@ -89,7 +89,6 @@ def _export_msd(cfg, run_dir: Path, out: Path) -> Path:
 def _export_teacher(cfg, run_dir: Path, out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
     from transformers import CLIPModel, CLIPTokenizer
 
     from .methods import teacher
@@ -98,7 +97,7 @@ def _export_teacher(cfg, run_dir: Path, out: Path) -> Path:
     text_encoder = teacher.text_encoder_from_clip(CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True))
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True, dtype=torch.float32)
     unet = teacher.build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
-    unet.load_state_dict(load_file(str(ckpt / "model-ema.safetensors")))  # the EMA is what ships
+    unet.load_state_dict(loading.load_state_dict(ckpt / "model-ema.safetensors"))  # the EMA is what ships
     teacher.export(unet, vae, text_encoder, CLIPTokenizer.from_pretrained(cfg.clip_dir), out)
     return out
 
@@ -106,7 +105,6 @@ def _export_teacher(cfg, run_dir: Path, out: Path) -> Path:
 def _export_vae(cfg, run_dir: Path, out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file
 
     from .common import to_tensor
     from .data import make_pool
@@ -115,7 +113,7 @@ def _export_vae(cfg, run_dir: Path, out: Path) -> Path:
     ckpt = _latest(run_dir)
     model = (AutoencoderKL.from_pretrained(cfg.init_from, use_safetensors=True, dtype=torch.float32)
              if cfg.init_from else vae.build_model(cfg))
-    model.load_state_dict(load_file(str(ckpt / "model-vae.safetensors")))
+    model.load_state_dict(loading.load_state_dict(ckpt / "model-vae.safetensors"))
     model.eval()
     if not cfg.decoder_only:  # as at the end of training: unit-variance latents
         vae.set_scaling_factor(model, to_tensor(make_pool(64, seed=10_000 + cfg.seed)[0]))
@@ -124,7 +122,6 @@ def _export_vae(cfg, run_dir: Path, out: Path) -> Path:
 
 
 def _export_clip(cfg, run_dir: Path, out: Path) -> Path:
-    from safetensors.torch import load_file
     from transformers import CLIPTokenizer
 
     from .methods import clip
@@ -132,7 +129,7 @@ def _export_clip(cfg, run_dir: Path, out: Path) -> Path:
     ckpt = _latest(run_dir)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
     model = clip.build_model(cfg, tokenizer)
-    model.load_state_dict(load_file(str(ckpt / "model-clip.safetensors")))
+    model.load_state_dict(loading.load_state_dict(ckpt / "model-clip.safetensors"))
     clip.export(model, tokenizer, out)
     return out
 
@@ -142,8 +139,7 @@ def _export_adapter(name: str, base_field: str, module_key: str) -> Callable:
 
     def export(cfg, run_dir: Path, out: Path) -> Path:
         import torch
-        from safetensors.torch import load_file
-
+    
         from pipelines import loading
 
         from .methods import controlnet
@@ -151,7 +147,7 @@ def _export_adapter(name: str, base_field: str, module_key: str) -> Callable:
         ckpt = _latest(run_dir)
         pipe = loading.load_pipeline(getattr(cfg, base_field), device="cpu", dtype=torch.float32, cache=False)
         net = controlnet.new_controlnet(pipe.unet, pipe.vae_scale_factor)
-        net.load_state_dict(load_file(str(ckpt / f"model-{module_key}.safetensors")))
+        net.load_state_dict(loading.load_state_dict(ckpt / f"model-{module_key}.safetensors"))
         return controlnet.export(net, out)
 
     export.__name__ = f"_export_{name}"
@@ -303,8 +299,6 @@ def build_config(method: Method, base: str | None, overrides: dict, run_dir: Pat
 
 def check_base(model: str, method: Method) -> str:
     """A registry id or a local diffusers folder that is on this machine (hub models: prefetched)."""
-    from pipelines import loading
-
     try:
         spec = registry.get(model)
         loading.model_folder(spec)  # not installed / not loadable: the message names the command that fixes it

@@ -365,9 +365,9 @@ class JobManager:
 
     def _spawn(self, job: Job) -> subprocess.Popen:
         if _gpu_count() and "pipelines.loading" in sys.modules:  # give the GPU to the job (one lease)
-            from pipelines import loading
+            from pipelines import generation
 
-            loading.clear_cache()
+            generation.free_memory()
             import torch
 
             torch.cuda.empty_cache()
@@ -448,8 +448,10 @@ class JobManager:
         job = self.get(job_id)
         if job.status == "running":
             raise ValueError(f"job {job.id} is running; cancel it first")
-        with self._db() as db:
-            db.execute("DELETE FROM jobs WHERE id = ?", (job.id,))
+        with self._db() as db:  # the scheduler may have claimed it since: delete only a job still not running
+            deleted = db.execute("DELETE FROM jobs WHERE id = ? AND status != 'running'", (job.id,)).rowcount
+        if not deleted:
+            raise ValueError(f"job {job.id} has just started; cancel it first")
         if job.path.resolve().parent == self.root:  # never remove anything outside the runs root
             shutil.rmtree(job.path, ignore_errors=True)
 

@@ -8,6 +8,7 @@ import gradio as gr
 import numpy as np
 
 from pipelines import control, generation, registry
+from pipelines.errors import first_line
 
 from .services import Services, gpu, parse_seed, user_errors
 
@@ -59,7 +60,7 @@ def build_control(services: Services, generate_tab: dict | None = None) -> dict:
                                           control_settings=settings(preprocessor, low, high),
                                           steps=int(teacher_steps) if who == "teacher" else None, device=services.device)
             except ValueError as e:  # one missing adapter must not hide the other two
-                lines.append(f"**{label}**: unavailable: {str(e).splitlines()[0]}")
+                lines.append(f"**{label}**: unavailable: {first_line(e)}")
                 continue
             ms = res.timings["total"] * 1000
             cells.append((res.images[0], f"{label} · {ms:.0f} ms"))

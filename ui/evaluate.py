@@ -11,6 +11,7 @@ from .services import Services, gpu, parse_seed, user_errors
 
 SUITES = {"ShapeEval (604 prompts)": PROMPT_DIR / "shapeeval.txt", "held-out combinations (120)": PROMPT_DIR / "heldout.txt"}
 MAX_IMAGES = 4096
+MAX_RENO_ITERATIONS = 5000  # images x iterations per run: the model is shared, live typing waits meanwhile
 
 
 def subset(prompts: list[str], limit: int) -> list[str]:
@@ -51,8 +52,12 @@ def build_evaluate(services: Services) -> dict:
         if len(prompts) * int(images_per_prompt) > MAX_IMAGES:
             raise ValueError(f"{len(prompts) * int(images_per_prompt)} images asked; at most {MAX_IMAGES} per run")
         config = reno.RenoConfig(iterations=int(iterations)) if use_reno else None
+        total = len(prompts) * int(images_per_prompt) * int(iterations)
+        if use_reno and total > MAX_RENO_ITERATIONS:
+            raise ValueError(f"{total} ReNO iterations asked (images x iterations); at most {MAX_RENO_ITERATIONS} per "
+                             "run here: use fewer prompts, or `python -m pipelines evaluate --reno` for the suite")
         summary = evaluate.evaluate(model_id, prompts, int(images_per_prompt), None, parse_seed(seed_text, False),
-                                    reno=config)
+                                    reno=config, device=services.device)
         return table(summary), summary
 
     with gr.Tab("Evaluate", id="evaluate"):

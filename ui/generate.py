@@ -135,8 +135,9 @@ def build_generate(services: Services) -> dict:
                 return gr.update(), gr.update(), gr.update(), None
             return run(*args)
 
-        # live: every keystroke or slider release asks; while one runs, only the newest waits
-        for trigger in (prompt.input, negative.input, steps.release, size.release, batch.release, negative_mode.input,
+        # live: every edit or slider release asks; while one runs, only the newest waits. `.change`, not
+        # `.input`: gradio's textbox sends no input event for deletions (Backspace never regenerated)
+        for trigger in (prompt.change, negative.change, steps.release, size.release, batch.release, negative_mode.input,
                         nasa_alpha.release):
             trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
                     trigger_mode="always_last", show_progress="hidden").then(**after)

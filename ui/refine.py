@@ -41,8 +41,10 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
 
     @gpu
     @user_errors
-    def run(model_id, prompt, seed_text, steps, reward_text, iterations, lr, seconds):
+    def run(model_id, prompt, seed_text, steps, reward_text, iterations, lr, seconds, flag=None):
         seed = parse_seed(seed_text, False)
+        flag = flag if isinstance(flag, dict) else {}  # this browser tab's cancel flag (absent for API calls)
+        flag["stop"] = False
         spec = registry.get(model_id)
         if spec.role != "student":
             raise ValueError(f"{model_id} is a multi-step teacher; ReNO refines one-step (or few-step) students")
@@ -55,6 +57,9 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
             best = step.iteration if step.best else best
             yield (step.image, gr.update(), curve(job.history), status_line(step, best, config.iterations),
                    gr.update())
+            if flag.get("stop"):  # Cancel: stop here, and still keep (and show) the best iterate so far
+                job.stopped = "cancelled"
+                break
         res = job.result()
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
         png = generation.save_png(res.best, services.outputs / f"{stamp}-reno.png", res.settings)
@@ -72,8 +77,11 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
         if not path:
             return gr.update(), gr.update()
         noise, s = loading.load_noise(path)
-        if not s.get("model") or "prompt" not in s:
+        if not isinstance(s, dict) or not s.get("model") or "prompt" not in s:
             raise ValueError("this noise file carries no settings; only files exported by Refine can be replayed")
+        if s["model"] not in services.model_choices():  # an upload never picks a folder on this server
+            raise ValueError(f"this noise file was made with {str(s['model'])[:80]!r}, which this app does not serve; "
+                             "allowed: the models in the Student box")
         res = generation.generate(s["model"], s["prompt"], steps=s.get("steps"), seed=int(s.get("seed", 0)),
                                   height=s.get("height"), width=s.get("width"), noise=noise, device=services.device)
         return res.images[0], f"Reproduced from the noise file: `{s['prompt']}` with {s['model']}, seed {s.get('seed')}"
@@ -94,7 +102,8 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
                 reward_box = gr.Textbox(label="Rewards (name=weight)", value=default_rewards(default),
                                         info="allowed: " + ", ".join(rewards.REWARDS), elem_id="refine-rewards")
                 with gr.Row():
-                    iterations = gr.Slider(1, 200, value=reno.RenoConfig.iterations, step=1, label="Iterations")
+                    iterations = gr.Slider(1, 200, value=reno.RenoConfig.iterations, step=1, label="Iterations",
+                                           elem_id="refine-iterations")
                     lr = gr.Number(value=reno.RenoConfig.lr, label="Learning rate", minimum=0.001, maximum=1000)
                     seconds = gr.Slider(0, 120, value=0, step=1, label="Time budget (s, 0 = none)")
                 with gr.Row():
@@ -110,10 +119,12 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
                 plot = gr.LinePlot(x="iteration", y="value", color="series", label="Rewards per iteration",
                                    height=220, elem_id="refine-plot")
                 noise_out = gr.File(label="Optimized noise (.safetensors)", elem_id="refine-noise-out")
-        inputs = [model, prompt, seed, steps, reward_box, iterations, lr, seconds]
-        event = start.click(run, inputs, [preview, before_after, plot, status, noise_out], api_name="refine",
-                            concurrency_id="gpu")
-        cancel.click(None, None, None, cancels=[event], api_visibility="private")
+        flag = gr.State({})  # this tab's cancel flag; a State input is not part of the /refine API
+        inputs = [model, prompt, seed, steps, reward_box, iterations, lr, seconds, flag]
+        start.click(run, inputs, [preview, before_after, plot, status, noise_out], api_name="refine",
+                    concurrency_id="gpu")
+        # not queued behind the running refinement: the loop sees the flag after its current iteration
+        cancel.click(lambda f: f.update(stop=True), flag, None, api_visibility="private", queue=False)
         model.change(lambda m: gr.update(value=default_rewards(m)), model, reward_box, api_visibility="private")
         noise_in.upload(reproduce, noise_in, [preview, status], api_visibility="private", concurrency_id="gpu")
         if generate_tab:

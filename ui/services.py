@@ -10,6 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import loading, registry
+from pipelines.errors import first_line
 from pipelines.registry import UnknownModelError
 
 EMBEDDED_CHAIN = ("shapes-64", "shapes-64-teacher")
@@ -73,7 +74,7 @@ def user_errors(fn):
     """Turn our one-line errors into gr.Error so the page shows them (show_error stays False)."""
 
     def one_line(e: Exception) -> gr.Error:
-        return gr.Error(str(e).strip().splitlines()[0][:500] or e.__class__.__name__)
+        return gr.Error(first_line(e, 500))
 
     if inspect.isgeneratorfunction(fn):  # streaming handlers fail while iterating, not when called
         @functools.wraps(fn)

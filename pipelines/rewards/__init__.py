@@ -38,8 +38,9 @@ class Reward:
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def loss(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.offset - self.score(images, prompts)
+    def loss_of(self, score: torch.Tensor) -> torch.Tensor:
+        """ReNO's loss form of a score: lower is better."""
+        return self.offset - score
 
 
 def preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -119,3 +120,9 @@ def _module(name: str):
     from importlib import import_module
 
     return import_module(f"{__name__}.{name}")
+
+
+def clear() -> None:
+    """Forget every loaded reward model."""
+    with _LOCK:
+        _CACHE.clear()

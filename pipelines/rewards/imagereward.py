@@ -55,5 +55,9 @@ def build(spec: ModelSpec, device: str) -> ImageRewardReward:
     from ImageReward.ImageReward import ImageReward
 
     model = ImageReward(med_config=str(folder() / "med_config.json"), device=device)
-    model.load_state_dict(loading.load_state_dict(folder() / "ImageReward.safetensors"), strict=False)
+    missing, unexpected = model.load_state_dict(loading.load_state_dict(folder() / "ImageReward.safetensors"),
+                                                strict=False)
+    if missing:  # a partial conversion would score with random weights: refuse it
+        raise loading.LoadError(f"ImageReward.safetensors lacks {len(missing)} weights (e.g. {missing[0]}); "
+                                "convert the whole ImageReward.pt state dict")
     return ImageRewardReward(model.to(device))

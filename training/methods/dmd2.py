@@ -73,6 +73,20 @@ def _noise_like(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
 
 
+def build_generator(cfg, teacher_unet):
+    """The student generator as training starts: a copy of the teacher UNet, or `generator_init` (e.g. a
+    smaller student warmed up by teacher score matching, MSD); with a peft LoRA when asked."""
+    if cfg.generator_init:
+        from diffusers import UNet2DConditionModel
+
+        generator = UNet2DConditionModel.from_pretrained(cfg.generator_init, use_safetensors=True, dtype=torch.float32)
+    else:
+        generator = copy.deepcopy(teacher_unet)
+    if cfg.generator_lora_rank:
+        add_lora(generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
+    return generator
+
+
 class Distiller:
     """Holds the teacher pipeline, the generator, the fake score and their math."""
 
@@ -90,16 +104,8 @@ class Distiller:
         self.abar = self.pipe.scheduler.alphas_cumprod.to(device, torch.float32)
         self.num_t = len(self.abar)
         torch.manual_seed(cfg.seed)
-        if cfg.generator_init:  # e.g. a smaller student warmed up by teacher score matching (MSD)
-            from diffusers import UNet2DConditionModel
-
-            self.generator = UNet2DConditionModel.from_pretrained(cfg.generator_init, use_safetensors=True,
-                                                                  dtype=torch.float32).to(device)
-        else:
-            self.generator = copy.deepcopy(self.teacher)
-        if cfg.generator_lora_rank:
-            add_lora(self.generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
-        else:
+        self.generator = build_generator(cfg, self.teacher).to(device)
+        if not cfg.generator_lora_rank:
             self.generator.requires_grad_(True)
         if cfg.fake_lora_rank:  # fake score = adapter on the frozen teacher; adapters off = real score
             add_lora(self.teacher, cfg.fake_lora_rank, cfg.lora_alpha, "fake")
@@ -374,16 +380,8 @@ def save_student(pipe, generator, cfg, resolution: int, out_dir: str | Path) -> 
 def export_checkpoint(cfg, ckpt: str | Path, out_dir: str | Path) -> Path:
     """Export the generator of a (complete) checkpoint while its run may still be going: the teacher's
     components are loaded afresh on the CPU and the generator is rebuilt exactly as `Distiller` builds it."""
-    from safetensors.torch import load_file
 
     pipe = loading.load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32, cache=False)
-    if cfg.generator_init:
-        from diffusers import UNet2DConditionModel
-
-        generator = UNet2DConditionModel.from_pretrained(cfg.generator_init, use_safetensors=True, dtype=torch.float32)
-    else:
-        generator = copy.deepcopy(pipe.unet)
-    if cfg.generator_lora_rank:
-        add_lora(generator, cfg.generator_lora_rank, cfg.lora_alpha, "generator")
-    generator.load_state_dict(load_file(str(Path(ckpt) / "model-generator.safetensors")))
+    generator = build_generator(cfg, pipe.unet)
+    generator.load_state_dict(loading.load_state_dict(Path(ckpt) / "model-generator.safetensors"))
     return save_student(pipe, generator, cfg, cfg.height or registry.get(cfg.teacher).resolution, out_dir)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from pipelines import control, loading, onestep, registry
 
 from ..common import train_loop
-from .controlnet import export, new_controlnet  # noqa: F401  (the adapter is saved like a ControlNet)
+from .controlnet import new_controlnet  # the adapter is a ControlNet (saved by controlnet.export)
 from .dmd2 import PromptSource
 
 
@@ -61,14 +61,16 @@ class Adapted:
         return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).float().div(255)
 
 
-def losses(model: Adapted, net, z, eps, k, levels: int, cond, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L_con, L_bound, f(z)) for one batch; k holds one level index per sample."""
+def losses(model: Adapted, net, z, eps, k, levels: int, cond, c, frozen: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_con, L_bound, f(z)) for one batch; k holds one level index per sample; `frozen` = f(z) when
+    the caller already has it (it made c from it)."""
     s_lo = (k.float() / levels).view(-1, 1, 1, 1)
     s_hi = ((k + 1).float() / levels).view(-1, 1, 1, 1)
     z_lo = (1 - s_lo ** 2).sqrt() * z + s_lo * eps
     z_hi = (1 - s_hi ** 2).sqrt() * z + s_hi * eps
     with torch.no_grad():
-        frozen = model.x0(z, cond, None)
+        frozen = model.x0(z, cond, None) if frozen is None else frozen
         target = model.x0(z_lo, cond, control.Control(net, c))
     l_con = F.mse_loss(model.x0(z_hi, cond, control.Control(net, c)), target)
     l_bound = F.mse_loss(model.x0(z, cond, control.Control(net, c)), frozen)
@@ -103,10 +105,11 @@ def train(cfg) -> dict:
         with torch.no_grad():
             cond = onestep.encode_prompt(pipe, texts, size, size)
             z = torch.randn(shape, generator=gen)
-            c = model.conditions(model.x0(z, cond, None), cfg.preprocessor)
+            frozen = model.x0(z, cond, None)
+            c = model.conditions(frozen, cfg.preprocessor)
         eps = torch.randn(shape, generator=gen)
         k = torch.randint(0, cfg.levels, (cfg.batch_size,), generator=gen)
-        l_con, l_bound, _ = losses(model, net, z, eps, k, cfg.levels, cond, c)
+        l_con, l_bound, _ = losses(model, net, z, eps, k, cfg.levels, cond, c, frozen)
         loss = l_con + state["lambda"] * l_bound
         opt.zero_grad(set_to_none=True)
         loss.backward()
