@@ -3,12 +3,12 @@ follow (no click), press Generate, compare student and teacher, and fetch a PNG 
 settings. Screenshots are kept in test-artifacts/ ."""
 import io
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.test_ui import free_port
-from ui import build_demo, launch_kwargs, queue
+from tests.serving import serving
 from ui.services import Services
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -19,24 +19,29 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make test installs it as root)")
 
 
-@pytest.fixture
-def page_at(tiny_student, tmp_path):
+@contextmanager
+def page_on(services, height: int = 1000):
+    """Headless Chromium on the page that `services` serves, once its prompt box is there."""
     from playwright.sync_api import sync_playwright
 
+    ARTIFACTS.mkdir(exist_ok=True)
+    with serving(services) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": height})
+        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+        page.locator("#prompt textarea").wait_for(timeout=120_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page_at(tiny_student, tmp_path):
     services = Services(outputs=tmp_path / "outputs", default_model=str(tiny_student),
                         extra_models=[str(tiny_student)], notice="test notice")
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
-        page.locator("#prompt textarea").wait_for(timeout=120_000)
+    with page_on(services) as page:
         yield page, services
-        browser.close()
-    demo.close()
 
 
 def test_typing_updates_the_image_and_generate_works(page_at):
@@ -80,51 +85,37 @@ def test_compare_tab_shows_two_images_with_timings(page_at):
 
 
 def test_keystroke_to_image_latency(tiny_student, tmp_path):
-    """50 single-key edits; for each, the time from the key press until the new image is decoded on
-    screen. Served model: $ONESTEP_LATENCY_MODEL, else the embedded one-step student when it is built,
-    else the tiny test student (recorded in the JSON). Figures go to test-artifacts/latency.json (speed is judged in the note,
-    not asserted here)."""
+    """50 single-key edits (deletions and insertions); for each, the time from the key press until the
+    new image is decoded on screen. Served model: $ONESTEP_LATENCY_MODEL, else the embedded one-step
+    student when it is built, else the tiny test student (recorded in the JSON). Figures go to
+    test-artifacts/latency.json: speed is judged in the note, not asserted here."""
     import json
+    import os
     import statistics
     import time
 
-    from playwright.sync_api import sync_playwright
-
     from pipelines import registry
-
-    import os
 
     # ONESTEP_LATENCY_MODEL measures another student folder (e.g. a stand-in of the embedded one)
     model = os.environ.get("ONESTEP_LATENCY_MODEL") or (
         "shapes-64" if registry.installed(registry.MODELS["shapes-64"]) else str(tiny_student))
     services = Services(outputs=tmp_path / "outputs", default_model=model, extra_models=[model])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
     shown = """(old) => { const im = document.querySelector('#gallery img');
                          return im && im.src !== old && im.complete && im.naturalWidth > 0 ? im.src : false; }"""
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
-            prompt = page.locator("#prompt textarea")
-            prompt.wait_for(timeout=120_000)
-            prompt.fill("")
-            prompt.press_sequentially("a red circle", delay=20)
-            src = page.wait_for_function(shown, arg="", timeout=60_000, polling="raf").json_value()
-            page.wait_for_timeout(500)  # let any queued live request land first
-            src = page.locator("#gallery img").first.get_attribute("src")
-            times = []
-            keys = ["Backspace", "e"] * 25  # "a red circl" / "a red circle": every edit asks for a new image
-            for key in keys:
-                t0 = time.perf_counter()
-                prompt.press(key)
-                src = page.wait_for_function(shown, arg=src, timeout=30_000, polling="raf").json_value()
-                times.append((time.perf_counter() - t0) * 1000)
-            browser.close()
-    finally:
-        demo.close()
+    with page_on(services) as page:
+        prompt = page.locator("#prompt textarea")
+        prompt.fill("")
+        prompt.press_sequentially("a red circle", delay=20)
+        src = page.wait_for_function(shown, arg="", timeout=60_000, polling="raf").json_value()
+        page.wait_for_timeout(500)  # let any queued live request land first
+        src = page.locator("#gallery img").first.get_attribute("src")
+        times = []
+        keys = ["Backspace", "e"] * 25  # "a red circl" / "a red circle": every edit asks for a new image
+        for key in keys:
+            t0 = time.perf_counter()
+            prompt.press(key)
+            src = page.wait_for_function(shown, arg=src, timeout=30_000, polling="raf").json_value()
+            times.append((time.perf_counter() - t0) * 1000)
     assert len(times) == 50
     times.sort()
     result = {"model": model, "edits": len(times), "median_ms": statistics.median(times),
@@ -137,22 +128,10 @@ def test_keystroke_to_image_latency(tiny_student, tmp_path):
 @pytest.fixture
 def shapes_page(shapes_student, tmp_path):
     """The page serving the tiny student as a shapes-world model (its reward: the embedded tiny CLIP)."""
-    from playwright.sync_api import sync_playwright
-
     services = Services(outputs=tmp_path / "outputs", default_model=str(shapes_student),
                         extra_models=[str(shapes_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded", timeout=120_000)
-        page.locator("#prompt textarea").wait_for(timeout=120_000)
+    with page_on(services, height=1100) as page:
         yield page
-        browser.close()
-    demo.close()
 
 
 def test_refine_tab_runs_live_and_exports_noise(shapes_page):

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from tests.serving import free_port
 from tests.test_browser import ARTIFACTS, CHROMIUM, FLAGS
-from tests.test_ui import free_port
 from ui import build_demo, launch_kwargs, queue
 from ui.services import Services
 

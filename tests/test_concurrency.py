@@ -8,14 +8,13 @@ import time
 from gradio_client import Client
 from PIL import Image
 
+import numpy as np
+
 from pipelines.generation import read_settings
-from tests.test_ui import free_port
-from ui import build_demo, launch_kwargs, queue
+from tests.serving import serving
 from ui.services import Services
 
 SECONDS = float(os.environ.get("ONESTEP_CONCURRENCY_SECONDS", "60"))
-import numpy as np
-
 PROMPTS = ["a red circle", "two blue squares", "a green circle above a red square", "a photo of a cat"]
 NEGATIVES = ["", "", "", "red"]
 SEEDS = 3  # each user cycles over its own 3 seeds, each with a reference image made serially first
@@ -23,10 +22,6 @@ SEEDS = 3  # each user cycles over its own 3 seeds, each with a reference image 
 
 def test_four_users_for_a_minute(tiny_student, tmp_path):
     services = Services(outputs=tmp_path / "out", default_model=str(tiny_student), extra_models=[str(tiny_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
     results = {i: {"ok": 0, "errors": [], "wrong": []} for i in range(len(PROMPTS))}
 
     def call(client, i, seed):
@@ -34,11 +29,6 @@ def test_four_users_for_a_minute(tiny_student, tmp_path):
                                               "nasa", 1.0, api_name="/generate")
         image = Image.open(gallery[0]["image"])
         return image, seed_out
-
-    alone = Client(url, verbose=False)
-    reference = {(i, n): np.asarray(call(alone, i, str(1000 * i + n))[0].convert("RGB"))
-                 for i in range(len(PROMPTS)) for n in range(SEEDS)}
-    deadline = time.monotonic() + SECONDS
 
     def user(i):
         client = Client(url, verbose=False)
@@ -57,14 +47,16 @@ def test_four_users_for_a_minute(tiny_student, tmp_path):
                 results[i]["errors"].append(repr(e)[:200])
             n += 1
 
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS))]
-    try:
+    with serving(services) as url:
+        alone = Client(url, verbose=False)
+        reference = {(i, n): np.asarray(call(alone, i, str(1000 * i + n))[0].convert("RGB"))
+                     for i in range(len(PROMPTS)) for n in range(SEEDS)}
+        deadline = time.monotonic() + SECONDS
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=SECONDS + 120)
-    finally:
-        demo.close()
     print({i: r["ok"] for i, r in results.items()})
     for r in results.values():
         assert not r["errors"] and not r["wrong"], r

@@ -241,16 +241,12 @@ def test_cli_negative_mode_and_alpha(tiny_sd, tmp_path):
 def test_ui_api_takes_negative_mode_and_alpha(tiny_sd, tiny_student, tmp_path):
     from gradio_client import Client
 
-    from tests.test_ui import free_port
-    from ui import build_demo, launch_kwargs, queue
+    from tests.serving import serving
     from ui.services import Services
 
     services = Services(outputs=tmp_path / "out", default_model=str(tiny_sd), extra_models=[str(tiny_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serving(services) as url:
+        client = Client(url, verbose=False)
         client.predict(str(tiny_sd), "a cat", "a dog", "3", False, 1, 64, 1, "cfg", 0.4, api_name="/generate")
         settings = generation.read_settings(next(services.outputs.glob("*-3.png")))
         assert settings["negative_mode"] == "cfg" and settings["nasa_alpha"] == 0.4
@@ -260,8 +256,6 @@ def test_ui_api_takes_negative_mode_and_alpha(tiny_sd, tiny_student, tmp_path):
         pair, summary, _ = client.predict(str(tiny_student), "a red circle", "0", 1, 2, 2.0, "blue", "nasa", 0.6,
                                           api_name="/compare")
         assert len(pair) == 2 and "NASA α 0.6" in summary
-    finally:
-        demo.close()
 
 
 def test_removal_benchmark_runs_on_a_tiny_student(tiny_student, tmp_path):

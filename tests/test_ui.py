@@ -1,34 +1,25 @@
 """The page's API as a client uses it: bad input gives one-line errors and the next call still works."""
-import socket
 from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
-from ui import build_demo, launch_kwargs, queue
+from tests.serving import serving
+from ui import launch_kwargs
 from ui.services import Services, make_services
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(tiny_sd, tmp_path_factory):
     services = Services(outputs=tmp_path_factory.mktemp("outputs"), default_model=str(tiny_sd),
                         extra_models=[str(tiny_sd)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    yield demo, f"http://127.0.0.1:{port}/", services
-    demo.close()
+    with serving(services) as url:
+        yield url, services
 
 
 @pytest.fixture(scope="module")
 def client(served):
-    return Client(served[1], verbose=False)
+    return Client(served[0], verbose=False)
 
 
 def call(client, model, prompt="a red circle", negative="", seed="1", randomize=False, steps=1, size=64, batch=1):
@@ -40,7 +31,7 @@ def test_valid_generation_writes_png_with_settings(client, served, tiny_sd):
 
     gallery, timing, seed = call(client, str(tiny_sd), batch=2)
     assert len(gallery) == 2 and "images/s" in timing and seed == "1"
-    settings = read_settings(next(served[2].outputs.glob("*-2.png")))
+    settings = read_settings(next(served[1].outputs.glob("*-2.png")))
     assert settings["seed"] == 2 and settings["prompt"] == "a red circle"
 
 
@@ -68,9 +59,9 @@ def test_broken_model_folder_error_keeps_serving(client, tiny_sd, copy_model):
 
 
 def test_launch_defaults_are_safe(served):
-    kw = launch_kwargs(served[2])
+    kw = launch_kwargs(served[1])
     assert kw["server_name"] == "127.0.0.1" and kw["share"] is False and kw["show_error"] is False
-    assert kw["allowed_paths"] == [str(served[2].outputs.resolve())] and kw["max_file_size"]
+    assert kw["allowed_paths"] == [str(served[1].outputs.resolve())] and kw["max_file_size"]
 
 
 def test_default_model_notice_when_student_missing(monkeypatch):
@@ -96,17 +87,12 @@ def test_compare_student_beside_teacher_from_same_noise(tiny_student, tmp_path):
 
 def test_compare_api_and_model_without_teacher(tiny_sd, tiny_student, tmp_path):
     services = Services(outputs=tmp_path / "out", default_model=str(tiny_sd), extra_models=[str(tiny_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    with serving(services) as url:
+        client = Client(url, verbose=False)
         pair, summary, strip = client.predict(str(tiny_student), "a red circle", "0", 1, 3, 2.0, api_name="/compare")
         assert len(pair) == 2 and "Speedup" in summary and len(strip) == 3
         with pytest.raises(Exception, match="no teacher"):
             client.predict(str(tiny_sd), "a red circle", "0", 1, 3, 2.0, api_name="/compare")
-    finally:
-        demo.close()
 
 
 def test_readme_api_example_runs(tiny_student, shapes_student, tmp_path):
@@ -116,15 +102,10 @@ def test_readme_api_example_runs(tiny_student, shapes_student, tmp_path):
     code = re.search(r"<!-- api-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
     services = Services(outputs=tmp_path / "out", default_model=str(tiny_student),
                         extra_models=[str(tiny_student), str(shapes_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    try:
-        code = code.replace("http://127.0.0.1:7860/", f"http://127.0.0.1:{port}/").replace(", 25, 5.0", ", 2, 2.0")
+    with serving(services) as url:
+        code = code.replace("http://127.0.0.1:7860/", url).replace(", 25, 5.0", ", 2, 2.0")
         scope = {"MODEL": str(shapes_student), "STUDENT": str(tiny_student)}
         exec(compile(code, "README.md", "exec"), scope)
         assert len(scope["images"]) == 1 and "images/s" in scope["timing"] and len(scope["pair"]) == 2
         assert "best iterate" in scope["done"] and scope["noise"].endswith(".safetensors")
         assert "colors" in scope["table"] and scope["summary"]["num_images"] == 2
-    finally:
-        demo.close()

@@ -4,21 +4,16 @@ import json
 import pytest
 from gradio_client import Client
 
-from ui import build_demo, launch_kwargs, queue
+from tests.serving import serving
 from ui.services import Services
-
-from tests.test_ui import free_port
 
 
 @pytest.fixture(scope="module")
 def client(shapes_student, tmp_path_factory):
     services = Services(outputs=tmp_path_factory.mktemp("outputs"), default_model=str(shapes_student),
                         extra_models=[str(shapes_student)])
-    demo = build_demo(services)
-    port = free_port()
-    queue(demo).launch(**launch_kwargs(services, port=port), prevent_thread_lock=True, quiet=True)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    demo.close()
+    with serving(services) as url:
+        yield Client(url, verbose=False)
 
 
 def test_refine_endpoint_returns_best_image_and_noise(client, shapes_student):
