@@ -15,7 +15,9 @@ weights are missing says exactly what is missing and how to get it.
 """
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 import torch
 
 from ..registry import ModelSpec, in_shapes_world
@@ -23,6 +25,12 @@ from ..registry import ModelSpec, in_shapes_world
 # name -> (module, default weight in ReNO's loss units)
 REWARDS = {"clip": 0.01, "pickscore": 0.05, "hpsv2": 5.0, "imagereward": 1.0}
 SHAPES_REWARDS = {"clip": 0.01}  # the embedded world has one reward model: its tiny CLIP
+
+
+def local_weights(env: str, name: str) -> Path:
+    """Where a converted reward checkpoint lives: $env, else ~/.cache/onestep/rewards/<name> ($ONESTEP_CACHE)."""
+    root = Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")) / "rewards"
+    return Path(os.environ.get(env, root / name))
 
 
 class RewardUnavailable(ValueError):

@@ -8,22 +8,20 @@ environment you trust, with `safetensors.torch.save_file(torch.load(f)["state_di
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from .. import loading
 from ..registry import ModelSpec, in_shapes_world
-from . import Reward, preprocess
+from . import Reward, local_weights, preprocess
 from .clip import CLIP_MEAN, CLIP_STD
 
 ARCH = "ViT-H-14"
 
 
 def weights_path() -> Path:
-    default = Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")) / "rewards" / "HPS_v2.1.safetensors"
-    return Path(os.environ.get("ONESTEP_HPSV2", default))
+    return local_weights("ONESTEP_HPSV2", "HPS_v2.1.safetensors")
 
 
 def missing(spec: ModelSpec) -> str | None:

@@ -9,20 +9,18 @@ in an environment you trust, next to the package's med_config.json.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from .. import loading
 from ..registry import ModelSpec, in_shapes_world
-from . import Reward, preprocess
+from . import Reward, local_weights, preprocess
 from .clip import CLIP_MEAN, CLIP_STD
 
 
 def folder() -> Path:
-    default = Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")) / "rewards" / "ImageReward"
-    return Path(os.environ.get("ONESTEP_IMAGEREWARD", default))
+    return local_weights("ONESTEP_IMAGEREWARD", "ImageReward")
 
 
 def missing(spec: ModelSpec) -> str | None:
