@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyTorch: weights dtype (auto: fp16 on CUDA, fp32 on CPU)")
     g.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the UNet and the VAE decode")
     g.add_argument("--tiny-decoder", nargs="?", const="auto", default=None, metavar="FOLDER",
-                   help="PyTorch: decode with AutoencoderTiny (TAESD/TAESDXL from the hub cache, or a folder)")
+                   help="PyTorch: decode with AutoencoderTiny (shapes-64's own, TAESD/TAESDXL from the hub "
+                        "cache, or a folder)")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="ShapeEval over a prompt file")

@@ -133,6 +133,16 @@ DEFAULT_MODEL = "shapes-64"
 REWARD_MODELS = {"clip": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pickscore": "yuvalkirstain/PickScore_v1"}
 # tiny decoders (diffusers AutoencoderTiny, safetensors) per family, for the --tiny-decoder option
 TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+# the embedded world's own (training/methods/tiny_decoder.py): its VAE's 8-channel latents, not SD's
+SHAPES_TINY_DECODER = f"{SHAPES_DIR}/tiny-decoder"
+
+
+def tiny_decoder_source(spec: ModelSpec) -> str | None:
+    """The AutoencoderTiny a plain `--tiny-decoder` uses for a model: the shapes-64 one for models of the
+    embedded world (as a path under the repo root), else the family's TAESD repo, else None."""
+    if in_shapes_world(spec):
+        return str(ROOT / SHAPES_TINY_DECODER)
+    return TINY_DECODERS.get(spec.family)
 
 
 class UnknownModelError(KeyError):

@@ -6,7 +6,8 @@
 - compile: torch.compile of the UNet and the VAE decode (off by default: the first call compiles for
   a while, and a failure says so in one line);
 - tiny_decoder: diffusers AutoencoderTiny (TAESD for SD, TAESDXL for SDXL) in place of the full VAE
-  decoder, when its safetensors are on this machine (`python -m pipelines prefetch madebyollin/taesd`).
+  decoder, when its safetensors are on this machine (`python -m pipelines prefetch madebyollin/taesd`);
+  models of the embedded world get their own, shipped in assets/models/shapes-64/tiny-decoder.
 
 The prompt-embedding cache lives in `onestep.PROMPT_CACHE` and is on by default for every engine.
 
@@ -34,7 +35,7 @@ class TorchOptions:
     channels_last: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     compile: bool = False
-    tiny_decoder: bool | str = False  # True: the family's TAESD from the hub cache; a str: an AutoencoderTiny folder
+    tiny_decoder: bool | str = False  # True: the model's own (shapes-64) or its family's TAESD; a str: a folder
 
     def check(self) -> "TorchOptions":
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -88,10 +89,12 @@ def pipeline(model_id: str, options: TorchOptions | None = None, device: str | N
 
 def _tiny_decoder(spec, pipe, source, device, dtype):
     if source is True:
-        source = registry.TINY_DECODERS.get(spec.family)
-        if source is None or pipe.unet.config.out_channels != 4:  # TAESD and TAESDXL decode 4-channel latents
+        source = registry.tiny_decoder_source(spec)
+        # TAESD and TAESDXL decode 4-channel latents: say so before asking to fetch them
+        if source is None or (source in registry.TINY_DECODERS.values() and pipe.unet.config.out_channels != 4):
             raise ValueError(f"no tiny decoder is known for {spec.id} ({pipe.unet.config.out_channels}-channel latents); "
-                             "allowed: SD/SDXL hub models with madebyollin/taesd or taesdxl fetched, or a folder")
+                             "allowed: shapes-64 models, SD/SDXL hub models with madebyollin/taesd or taesdxl "
+                             "fetched, or a folder")
     vae = loading.load_tiny_decoder(source, device=device, dtype=dtype)
     if vae.config.latent_channels != pipe.unet.config.out_channels:
         raise ValueError(f"tiny decoder {source} takes {vae.config.latent_channels}-channel latents; {spec.id} makes "

@@ -71,8 +71,8 @@ def test_quick_distillation_lowers_the_loss_in_onestep_s_convention(small_kl, tm
         via_onestep = onestep.decode(SimpleNamespace(vae=tiny), z)
         kl_images = onestep.decode(SimpleNamespace(vae=kl), z)
         d = via_onestep - targets
-        assert float((d.abs() + d ** 2).mean()) == pytest.approx(float(tiny_decoder.loss_fn(tiny, z, data["targets"], 0)),
-                                                                 rel=1e-5)
+        trained_on = float(tiny_decoder.loss_fn(tiny, z, data["targets"], 0))
+        assert float((d.abs() + d ** 2).mean()) == pytest.approx(trained_on, rel=1e-5)
     assert (kl_images.clamp(-1, 1) - targets).abs().max() <= 1 / 255 + 1e-5  # targets: the KL decoder at 8 bits
     # unperturbed latents are the KL encoder's (scaled) modes of the pool's first images
     first = data["sigma"] == 0
@@ -117,7 +117,7 @@ def test_shipped_tiny_decoder_reconstructs_renders_near_the_recipe_s_rate():
     assert type(tiny).__name__ == "AutoencoderTiny" and tiny.config.latent_channels == 8
     recorded = json.loads((registry.ROOT / registry.SHAPES_DIR / "recipe.json").read_text())["tiny_decoder"]
     kl = AutoencoderKL.from_pretrained(SHAPES_VAE, use_safetensors=True).eval()
-    images, prompts = make_pool(64, seed=40_000)  # never seen in training or in the recipe's measurement
+    images, prompts = make_pool(128, seed=40_000)  # never seen in training or in the recipe's measurement
     x = to_tensor(images)
     with torch.no_grad():
         z = tiny_decoder.encode_mode(kl, x) * kl.config.scaling_factor  # what the UNet makes: scaled latents
@@ -125,9 +125,11 @@ def test_shipped_tiny_decoder_reconstructs_renders_near_the_recipe_s_rate():
         full = onestep.decode(SimpleNamespace(vae=kl), z).clamp(-1, 1)
     arr = ((small + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     rate = float(np.mean([judge(p, a)[0] for p, a in zip(prompts, arr)]))
-    assert rate >= recorded["tiny_shapeeval"] - 0.12  # 64 images: about 3 standard errors
-    assert float(psnr(small, full).mean()) >= recorded["tiny_vs_vae_psnr_db"] - 2.0  # close to the KL decoder
-    assert float(psnr(small, x).mean()) >= recorded["tiny_psnr_db"] - 2.0
+    # the rate varies between pools more than a binomial would (0.83 on the recipe's 512, 0.74-0.79 on
+    # two other 256-image pools), so "near" is within 0.15; random weights or a wrong scaling score ~0
+    assert rate >= recorded["tiny_shapeeval"] - 0.15
+    assert float(psnr(small, full).mean()) >= recorded["tiny_vs_vae_psnr_db"] - 1.5  # close to the KL decoder
+    assert float(psnr(small, x).mean()) >= recorded["tiny_psnr_db"] - 1.5
 
 
 @needs_shipped

@@ -74,15 +74,15 @@ class TinyDecoderConfig(TrainConfig):
     vae_dir: str = ""  # the AutoencoderKL whose decoder is distilled (its latents, its scaling_factor)
     channels: int = 32  # DecoderTiny width (diffusers needs one width for every level)
     num_blocks: tuple = (2, 2, 0)  # AutoencoderTinyBlocks per level, 16x16 / 32x32 / 64x64 for shapes-64
-    # the export's scaling_factor: onestep.decode feeds it latents / scaling_factor. 0 = the KL VAE's (it sees
-    # the KL decoder's unscaled input); 1.0 = it sees the unit-variance latents the UNet makes
-    scaling_factor: float = 0.0
-    num_latents: int = 4096  # pool images encoded (and decoded by the KL VAE) once per run
-    perturb_fraction: float = 0.5  # share of those latents moved off the encoder's outputs (student latents are)
+    # the export's scaling_factor: onestep.decode feeds it latents / scaling_factor. 1.0 (as TAESD): it sees
+    # the unit-variance latents the UNet makes; 0 = the KL VAE's: it sees the KL decoder's unscaled input
+    scaling_factor: float = 1.0
+    num_latents: int = 2048  # pool images encoded (and decoded by the KL VAE) once per run
+    perturb_fraction: float = 0.25  # share of those latents moved off the encoder's outputs (student latents are)
     perturb_sigma: float = 0.3  # max noise std added to them, in unit-variance (scaled) latent units
     edge_weight: float = 1.0  # extra loss weight on pixels at edges of the target (shape outlines)
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 50
     weight_decay: float = 0.0
     steps: int = 2000
@@ -193,8 +193,8 @@ class NctConfig(TrainConfig):
     save_every: int = 250
 
 
-CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TinyDecoderConfig(), TeacherConfig(), Dmd2Config(), MsdConfig(),
-                                 ControlNetConfig(), NctConfig())}
+CONFIGS = {c.method: c for c in (ClipConfig(), VaeConfig(), TinyDecoderConfig(), TeacherConfig(), Dmd2Config(),
+                                 MsdConfig(), ControlNetConfig(), NctConfig())}
 
 
 def field_names(cls) -> list[str]:

@@ -46,6 +46,12 @@ def main(argv=None) -> int:
                 from pipelines.registry import get
 
                 nct.write_meta(get(cfg.student).path, cfg.preprocessor, args.export)
+    elif cfg.method == "tiny_decoder":
+        from .methods import tiny_decoder
+
+        result = tiny_decoder.train(cfg)
+        if result["finished"] and args.export:
+            tiny_decoder.export(result["model"], args.export)
     else:
         from .methods import clip, teacher, vae
 

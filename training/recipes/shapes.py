@@ -9,6 +9,7 @@ under --out when it finishes:
 
     OUT/clip/      CLIPModel + CLIPTokenizer + CLIPImageProcessor (reward, CLIP score)
     OUT/vae/       AutoencoderKL
+    OUT/tiny-decoder/  AutoencoderTiny distilled from the VAE's decoder (the `--tiny-decoder` of shapes-64)
     OUT/teacher/   StableDiffusionPipeline (text encoder = the CLIP text tower)
     OUT/controlnet-canny/  ControlNetModel for the teacher (canny maps of rendered images)
     OUT/student/, OUT/student-4step/, OUT/msd/   DMD2 one- and four-step students, multi-student model
@@ -33,8 +34,8 @@ from pathlib import Path
 from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "clip_vision", "controlnet", "student", "nct", "student_4step", "msd",
-          "report")
+STAGES = ("tokenizer", "clip", "vae", "tiny_decoder", "teacher", "clip_vision", "controlnet", "student", "nct",
+          "student_4step", "msd", "report")
 # DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
 STUDENT = dict(prompts="shapes", height=64, width=64, real_guidance=5.0, ratio=5, gan_weight=1e-3, batch_size=16,
                lr=5e-5, guidance_lr=5e-5, steps=3000, save_every=250, eval_images=48)
@@ -93,6 +94,16 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         if res["finished"] or args.export_partial:
             vae.export(res["model"], out / "vae")
         return res
+    if stage == "tiny_decoder":  # measured beside the full VAE on the same fresh renders
+        from training.config import TinyDecoderConfig
+        from training.methods import tiny_decoder
+
+        cfg = with_overrides(TinyDecoderConfig(vae_dir=str(out / "vae"), **common), _overrides(args.set, stage))
+        res = tiny_decoder.train(cfg)
+        if res["finished"] or args.export_partial:
+            res.update(tiny_decoder.evaluate(res["model"], res["vae"], n=512, seed=30_000))
+            tiny_decoder.export(res["model"], out / "tiny-decoder")
+        return {k: v for k, v in res.items() if k not in ("model", "vae")}
     if stage == "teacher":
         from training import checkpoint
         from training.methods import teacher
