@@ -30,6 +30,7 @@ from PIL import Image
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_UPLOAD_PIXELS = 4096 * 4096
 PREPROCESSORS = ("canny", "sketch", "none")
+KINDS = ("auto", "nct", "controlnet")  # which control model: see `resolve`
 CANNY_DEFAULTS = {"low": 100, "high": 200}
 # controlnet-aux detectors and why they are not offered here
 NEEDS_WEIGHTS = {
@@ -199,8 +200,6 @@ def edge_f1(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) -> fl
     recall = (ref & out_near).sum() / ref.sum()
     return float(0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
 
-
-KINDS = ("auto", "nct", "controlnet")
 
 
 def resolve(spec, preprocessor: str, kind: str = "auto") -> tuple[str, str]:
