@@ -44,17 +44,14 @@ def training_allowed(args) -> bool:
     return (host_for(args) == "127.0.0.1" and not args.share) or asked
 
 
-demo = build_demo(make_services(training=training_allowed(parse_args([]))))
+# the real flags when run as a program; none on import (a Space imports `demo`, which has no flags)
+ARGS = parse_args(None if __name__ == "__main__" else [])
+demo = build_demo(make_services(training=training_allowed(ARGS)))
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    if training_allowed(args) != demo.services.training:  # e.g. --listen without --enable-training
-        if demo.services.jobs is not None:  # the loopback build's job manager must not keep starting jobs
-            demo.services.jobs.close()
-        demo = build_demo(make_services(training=training_allowed(args)))
-    kwargs = launch_kwargs(demo.services, host=host_for(args), port=args.port, share=args.share)
-    if args.auth:
-        user, _, password = args.auth.partition(":")
+    kwargs = launch_kwargs(demo.services, host=host_for(ARGS), port=ARGS.port, share=ARGS.share)
+    if ARGS.auth:
+        user, _, password = ARGS.auth.partition(":")
         kwargs["auth"] = (user, password)
     queue(demo).launch(**kwargs)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from pipelines import generation, loading, onestep, registry, teacher
+from pipelines.errors import first_line
 
 from . import report
 
@@ -188,7 +189,7 @@ def bench_nasa(student: str, repeats: int) -> dict:
     from .nasa import _timing
 
     spec = registry.get(student)
-    alpha = spec.nasa_alpha or registry.DEFAULT_NASA_ALPHA
+    alpha = spec.offered_nasa_alpha
     return {engine: _timing(student, alpha, 2.0, 8, repeats, None, engine=engine) for engine in ("torch", "onnx")}
 
 
@@ -272,7 +273,7 @@ def run(student: str, batches: list[int], seconds: float, repeats: int, skip: se
         try:
             out = fn()
         except Exception as e:  # one row that cannot run here must not lose the others
-            out = {"error": f"{e.__class__.__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"}
+            out = {"error": f"{e.__class__.__name__}: {first_line(e)}"}
         out["bench_seconds"] = round(time.perf_counter() - t0, 1)
         return out
 

@@ -127,7 +127,7 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
     spec = registry.get(model_id)
     if spec.role != "student":
         raise ValueError(f"{model_id} is a {spec.role}; the NASA benchmark needs a one- or few-step student")
-    alphas = [spec.nasa_alpha or registry.DEFAULT_NASA_ALPHA] if nasa_alphas is None else list(nasa_alphas)
+    alphas = [spec.offered_nasa_alpha] if nasa_alphas is None else list(nasa_alphas)
     for a in alphas:
         onestep.check_negative("nasa", a)
     cases, per_pair = make_cases(images, seed)

@@ -50,9 +50,7 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
                               device)
 
     specs = [parse(p) for p in prompts]
-    out_dir = Path(save_images) if save_images else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_dir(save_images)
     records, seconds = [], 0.0
     for i, (prompt, spec) in enumerate(zip(prompts, specs)):
         t0 = time.perf_counter()
@@ -72,14 +70,8 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
                 Image.fromarray(img).save(out_dir / f"{i}_{j}.png")
         if progress:
             progress(i + 1, len(prompts))
-    summary = summarize([r["category"] for r in records], [r["passed"] for r in records])
-    summary.update(model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
-                   mean_seconds_per_image=seconds / max(len(records), 1))
-    if out_dir:
-        with open(out_dir / "results.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return summary
+    return _summary(records, out_dir, model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                    mean_seconds_per_image=seconds / max(len(records), 1))
 
 
 def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards,
@@ -89,9 +81,7 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
 
     spec = get(model_id)
     pipe = loading.load_pipeline(model_id, device=device)
-    out_dir = Path(save_images) if save_images else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_dir(save_images)
     records, seconds, iterations = [], 0.0, 0
     for i, prompt in enumerate(prompts):
         spec_i = parse(prompt)
@@ -109,18 +99,11 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
                 res.best.save(out_dir / f"{i}_{j}_reno.png")
         if progress:
             progress(i + 1, len(prompts))
-    cats = [r["category"] for r in records]
-    summary = summarize(cats, [r["passed"] for r in records])
-    summary.update(model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
-                   reno={"iterations": config.iterations, "lr": config.lr, "seconds_budget": config.seconds,
-                         "rewards": rewards, "mean_seconds_per_image": seconds / max(len(records), 1),
-                         "mean_seconds_per_iteration": seconds / max(iterations, 1)},
-                   plain=summarize(cats, [r["plain_passed"] for r in records]))
-    if out_dir:
-        with open(out_dir / "results.jsonl", "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-    return summary
+    return _summary(records, out_dir, model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                    reno={"iterations": config.iterations, "lr": config.lr, "seconds_budget": config.seconds,
+                          "rewards": rewards, "mean_seconds_per_image": seconds / max(len(records), 1),
+                          "mean_seconds_per_iteration": seconds / max(iterations, 1)},
+                    plain=summarize([r["category"] for r in records], [r["plain_passed"] for r in records]))
 
 
 def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, preprocessor,
@@ -132,9 +115,7 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
     from . import control
     from .generation import generate
 
-    out_dir = Path(save_images) if save_images else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _output_dir(save_images)
     records, seconds, settings = [], 0.0, {}
     for i, prompt in enumerate(prompts):
         spec = parse(prompt)
@@ -155,11 +136,23 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
                 Image.fromarray(np.concatenate([layout, ref_map, out, out_map], 1)).save(out_dir / f"{i}_{j}.png")
         if progress:
             progress(i + 1, len(prompts))
+    return _summary(records, out_dir, model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
+                    mean_seconds_per_image=seconds / max(len(records), 1),
+                    control={**settings, "edge_f1": float(np.mean([r["edge_f1"] for r in records])),
+                             "map_l1": float(np.mean([r["map_l1"] for r in records]))})
+
+
+def _output_dir(save_images) -> Path | None:
+    out_dir = Path(save_images) if save_images else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _summary(records: list[dict], out_dir: Path | None, **fields) -> dict:
+    """Per-category pass rates of `records` plus `fields`; the records go to out_dir/results.jsonl."""
     summary = summarize([r["category"] for r in records], [r["passed"] for r in records])
-    summary.update(model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
-                   mean_seconds_per_image=seconds / max(len(records), 1),
-                   control={**settings, "edge_f1": float(np.mean([r["edge_f1"] for r in records])),
-                            "map_l1": float(np.mean([r["map_l1"] for r in records]))})
+    summary.update(fields)
     if out_dir:
         with open(out_dir / "results.jsonl", "w") as f:
             for r in records:

@@ -39,6 +39,7 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
     onestep.check_negative(negative_mode, nasa_alpha)
     engine = check_engine(engine)
     spec = get(model_id)
+    student_guidance = 2.0 if guidance_scale is None else guidance_scale  # the CFG-baseline negative's scale
     if spec.is_local and msd.is_msd(spec.path):
         if control_image is not None:
             raise ValueError("control images are not available for multi-student (MSD) models; use one student")
@@ -56,7 +57,7 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
         else:
             res, notice = _generate_onnx(spec, engine, prompt, dict(
                 negative_prompt=negative_prompt, steps=steps, seed=seed, batch_size=batch_size, height=height,
-                width=width, noise=noise, guidance_scale=2.0 if guidance_scale is None else guidance_scale,
+                width=width, noise=noise, guidance_scale=student_guidance,
                 negative_mode=negative_mode, nasa_alpha=nasa_alpha, prompt_cache=prompt_cache))
             if res is not None:
                 return res
@@ -77,7 +78,7 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
     else:
         res = onestep.generate(pipe, spec, prompt, negative_prompt=negative_prompt, steps=steps, seed=seed,
                                batch_size=batch_size, height=height, width=width, noise=noise,
-                               guidance_scale=2.0 if guidance_scale is None else guidance_scale,
+                               guidance_scale=student_guidance,
                                negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=ctl,
                                prompt_cache=prompt_cache)
     if ctl_settings:
@@ -121,8 +122,7 @@ def _generate_onnx(spec, engine: str, prompt: str, kwargs: dict):
     except (loading.LoadError, ImportError) as e:  # corrupt or stale graphs, onnxruntime missing
         if engine == "onnx":
             raise
-        first = first_line(e, 300)
-        return None, f"ONNX engine unavailable ({first}); using PyTorch"
+        return None, f"ONNX engine unavailable ({first_line(e)}); using PyTorch"
 
 
 def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, height, width):
@@ -130,8 +130,9 @@ def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, heig
     scale = control.check_scale(scale)
     control_map = control.make_map(image, preprocessor, height, width, **settings)
     source, kind = control.resolve(spec, preprocessor, kind)
-    model = loading.load_controlnet(source, device=str(pipe.unet.device), dtype=pipe.unet.dtype)
-    ctl = control.Control(model, control.map_tensor(control_map, batch, pipe.unet.device, pipe.unet.dtype), scale)
+    device, dtype = onestep.placement(pipe.unet)
+    model = loading.load_controlnet(source, device=str(device), dtype=dtype)
+    ctl = control.Control(model, control.map_tensor(control_map, batch, device, dtype), scale)
     return ctl, {"preprocessor": preprocessor, "model": source, "kind": kind, "scale": scale, **settings}
 
 

@@ -63,6 +63,11 @@ def prefetch_hint(model_id: str) -> str:
 
 def check_safetensors(path: Path) -> None:
     """Validate a .safetensors file's header against its size without loading tensors."""
+    safetensors_header(path)
+
+
+def safetensors_header(path: Path) -> dict:
+    """A .safetensors file's header (tensor names, dtypes, shapes, offsets), checked against the file's size."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -80,6 +85,7 @@ def check_safetensors(path: Path) -> None:
     if 8 + n + end != size:
         raise LoadError(f"truncated or corrupt safetensors file {path}: header describes {8 + n + end} bytes, "
                         f"file has {size}; re-download or re-export it")
+    return header
 
 
 def check_folder(path: Path) -> str:
@@ -123,14 +129,22 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+_SNAPSHOTS: dict[str, Path] = {}  # repo -> its cached snapshot: the lookup is slow, and asked per request
+
+
 def hub_snapshot(repo: str, download: bool = False) -> Path:
-    """Local folder of a hub repo's safetensors snapshot; downloads only when `download`."""
+    """Local folder of a hub repo's safetensors snapshot; downloads only when `download`. A found local
+    snapshot is remembered (a download, `prefetch` or `clear_cache` looks again)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    if not download and repo in _SNAPSHOTS and _SNAPSHOTS[repo].is_dir():
+        return _SNAPSHOTS[repo]
     try:
-        return Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS, ignore_patterns=["*.fp16.*", "*non_ema*"],
+        path = Path(snapshot_download(repo, allow_patterns=WEIGHT_PATTERNS, ignore_patterns=["*.fp16.*", "*non_ema*"],
                                       local_files_only=not download))
+        _SNAPSHOTS[repo] = path
+        return path
     except LocalEntryNotFoundError:
         raise ModelNotAvailable(f"model {repo} is not on this machine and cannot be downloaded now; "
                                 f"fetch it with: {prefetch_hint(repo)}") from None
@@ -278,18 +292,9 @@ def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.
         if key in _CONTROL_CACHE:
             _CONTROL_CACHE.move_to_end(key)
             return _CONTROL_CACHE[key]
-    if not path.is_dir():
-        raise ModelNotAvailable(f"control model {source} does not exist" + (
-            "; the embedded ones are built by: python -m training.recipes.shapes --out assets/models/shapes-64"
-            if "shapes-64" in str(source) else ""))
-    tensors = sorted(path.glob("*.safetensors"))
-    if not tensors:
-        pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES]
-        raise LoadError(f"{source} holds no .safetensors ControlNet weights" + (
-            f" (only pickles: {', '.join(pickles)}, which are not loaded)" if pickles else ""))
-    for t in tensors:
-        check_safetensors(t)
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    cfg = _weights_folder(path, source, "ControlNet", f"control model {source} does not exist" + (
+        "; the embedded ones are built by: python -m training.recipes.shapes --out assets/models/shapes-64"
+        if "shapes-64" in str(source) else ""))
     if cfg.get("_class_name") != "ControlNetModel":
         raise LoadError(f"{source} is not a ControlNet folder (config class {cfg.get('_class_name')!r}; "
                         "allowed: 'ControlNetModel')")
@@ -312,19 +317,30 @@ def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str |
     comes from `tokenizer_path` when the weights' repo has none (PickScore uses the LAION CLIP's)."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    path = local_folder(path)
-    tensors = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not tensors:
-        pickles = [p.name for p in path.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.is_dir() else []
-        raise LoadError(f"{path} holds no .safetensors CLIP weights" + (f" (only pickles: {', '.join(pickles)})" if pickles else ""))
-    for t in tensors:
-        check_safetensors(t)
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    source, path = path, local_folder(path)
+    cfg = _weights_folder(path, source, "CLIP", f"CLIP model folder {path} does not exist")
     if cfg.get("model_type") != "clip":
         raise LoadError(f"{path} is not a CLIP model folder (config model_type {cfg.get('model_type')!r}; allowed: 'clip')")
     model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
     tok = CLIPTokenizer.from_pretrained(str(local_folder(tokenizer_path) if tokenizer_path else path), local_files_only=True)
     return model.to(device or default_device()), tok
+
+
+def _weights_folder(path: Path, source, what: str, missing: str) -> dict:
+    """The checks every single-model loader makes before loading: the folder exists (else `missing`), it
+    holds .safetensors weights (pickles are named, never loaded), each header fits its file. Returns
+    the folder's config.json (empty when absent)."""
+    if not path.is_dir():
+        raise ModelNotAvailable(missing)
+    tensors = sorted(path.glob("*.safetensors"))
+    if not tensors:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        fetch = f"; fetch them with: {prefetch_hint(str(source))}" if not Path(source).exists() else ""
+        raise LoadError(f"{source} holds no .safetensors {what} weights" + (
+            f" (only pickles: {', '.join(pickles)}, which are not loaded)" if pickles else fetch))
+    for t in tensors:
+        check_safetensors(t)
+    return json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
 
 
 def check_clip_available(source: str | Path, weights: bool = True) -> None:
@@ -400,18 +416,32 @@ def weights_fingerprint(folder: str | Path) -> str:
 
 
 def _file_digest(path: Path, size: int) -> str:
+    if size <= 64 * 1024 * 1024:
+        return file_sha256(path)
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= 64 * 1024 * 1024:
+    with open(path, "rb") as f:  # size + safetensors header: names, shapes, dtypes and offsets of every tensor
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 and path.suffix == ".safetensors" else 0
+        return hashlib.sha256(head + f.read(min(n, MAX_HEADER))).hexdigest()
+
+
+_DIGESTS: dict = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file, remembered per (path, size, mtime): a rewritten file is hashed again."""
+    import hashlib
+
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
-        else:  # size + safetensors header: names, shapes, dtypes and offsets of every tensor
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 and path.suffix == ".safetensors" else 0
-            h.update(head + f.read(min(n, MAX_HEADER)))
-    return h.hexdigest()
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 ONNX_MANIFEST = "onestep-onnx.json"
@@ -445,8 +475,6 @@ def read_onnx_manifest(folder: str | Path) -> dict:
 
 def check_onnx_file(folder: Path, entry: dict) -> Path:
     """An exported graph file, checked against the size and sha256 its manifest recorded."""
-    import hashlib
-
     name = str(entry.get("file", ""))
     if not name.endswith(".onnx") or Path(name).name != name:
         raise LoadError(f"ONNX manifest in {folder} names {name[:80]!r}; allowed: a .onnx file in that folder")
@@ -457,11 +485,7 @@ def check_onnx_file(folder: Path, entry: dict) -> Path:
     if size != entry.get("bytes"):
         raise LoadError(f"corrupt or truncated ONNX graph {path}: {size} bytes where the export wrote "
                         f"{entry.get('bytes')}; {ONNX_REEXPORT}")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != entry.get("sha256"):
+    if file_sha256(path) != entry.get("sha256"):
         raise LoadError(f"corrupt ONNX graph {path}: its checksum differs from the export's; {ONNX_REEXPORT}")
     return path
 
@@ -503,16 +527,7 @@ def load_tiny_decoder(source: str | Path, device: str | None = None, dtype: torc
     from diffusers import AutoencoderTiny
 
     path = local_folder(source)
-    if not path.is_dir():
-        raise ModelNotAvailable(f"tiny decoder folder {path} does not exist")
-    tensors = sorted(path.glob("*.safetensors"))
-    if not tensors:
-        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        raise LoadError(f"{source} has no .safetensors tiny-decoder weights here"
-                        + (f" (only pickles: {', '.join(pickles)})" if pickles else f"; fetch them with: {prefetch_hint(str(source))}"))
-    for t in tensors:
-        check_safetensors(t)
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    cfg = _weights_folder(path, source, "tiny-decoder", f"tiny decoder folder {path} does not exist")
     if cfg.get("_class_name") != "AutoencoderTiny":
         raise LoadError(f"{path} is not an AutoencoderTiny folder (class {cfg.get('_class_name')!r}; allowed: AutoencoderTiny)")
     device = device or default_device()
@@ -530,6 +545,7 @@ def clear_cache() -> None:
     with _LOCK:
         _CACHE.clear()
         _CONTROL_CACHE.clear()
+        _SNAPSHOTS.clear()
 
 
 MAX_LOADED = 4

@@ -35,7 +35,10 @@ MASK_BIAS = -10000.0  # what diffusers adds to the logits of masked-out text tok
 
 
 def check_alpha(alpha) -> float:
-    """The alpha as a float, or a one-line ValueError saying what is allowed."""
+    """The alpha as a float, or a one-line ValueError saying what is allowed. A 0-d tensor (a graph input
+    of the ONNX export, checked where its value is chosen) passes through as it is."""
+    if isinstance(alpha, torch.Tensor) and alpha.ndim == 0:
+        return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"NASA alpha must be a number from 0 to {MAX_ALPHA:g}, got {str(alpha)[:40]!r}")
     if not 0 <= alpha <= MAX_ALPHA:

@@ -71,7 +71,6 @@ class PromptCache:
 
     def __init__(self, size: int = 128):  # an SDXL entry is ~0.3 MB (77 x 2048 fp16)
         self.size = size
-        self.hits = self.misses = 0
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -80,9 +79,7 @@ class PromptCache:
             entry = self._entries.get(key)
             if entry is not None and entry[0]() is owner:
                 self._entries.move_to_end(key)
-                self.hits += 1
                 return entry[1]
-            self.misses += 1
             return None
 
     def put(self, key: tuple, owner, value) -> None:
@@ -96,9 +93,6 @@ class PromptCache:
         with self._lock:
             for key in [k for k in self._entries if model is None or k[0] == model]:
                 del self._entries[key]
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 PROMPT_CACHE = PromptCache()
@@ -195,6 +189,11 @@ def cached_prompt(pipe, model: str, prompt: str, height: int, width: int, use_ca
 
 def predict_x0(pipe, model_output: torch.Tensor, x_t: torch.Tensor, t: int, prediction_type: str) -> torch.Tensor:
     abar = pipe.scheduler.alphas_cumprod[t].to(x_t.device, torch.float32)
+    return x0_from(abar, model_output, x_t, prediction_type)
+
+
+def x0_from(abar: torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The clean latent implied by a UNet output at noise level abar (a scalar, or per sample (B, 1, 1, 1))."""
     a, s = abar.sqrt(), (1 - abar).sqrt()
     if prediction_type == "epsilon":
         return (x_t - s * model_output) / a.clamp_min(1e-4)

@@ -45,7 +45,7 @@ def export(model_id: str, out: str | Path, **kwargs) -> dict:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep").expanduser() / "onnx"
+    return registry.cache_root() / "onnx"
 
 
 def _slug(model_id: str) -> str:
@@ -53,21 +53,16 @@ def _slug(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[-60:] or "model"
 
 
-def cache_folder(spec: ModelSpec) -> Path:
-    """Where `export-onnx` without --out and the first-use build put this model's graphs."""
-    return cache_root() / f"{_slug(spec.id)}-{loading.weights_fingerprint(_model_folder(spec))}"
+def cache_folder(spec: ModelSpec, fingerprint: str | None = None) -> Path:
+    """Where `export-onnx` without --out and the first-use build put this model's graphs (named by the
+    fingerprint of its current weights; pass it when it is at hand)."""
+    return cache_root() / f"{_slug(spec.id)}-{fingerprint or _fingerprint(spec)}"
 
 
-def _model_folder(spec: ModelSpec) -> Path:
-    """The validated weights folder (hub snapshots resolved once per process: that lookup is slow)."""
-    if spec.is_local:
-        return loading.model_folder(spec)
-    if spec.id not in _HUB_FOLDERS:
-        _HUB_FOLDERS[spec.id] = loading.model_folder(spec)
-    return _HUB_FOLDERS[spec.id]
+def _fingerprint(spec: ModelSpec) -> str:
+    return loading.weights_fingerprint(loading.model_folder(spec))
 
 
-_HUB_FOLDERS: dict[str, Path] = {}
 FIND_TTL = 2.0  # seconds a lookup is reused: live typing asks many times a second
 _FOUND: dict = {}
 
@@ -91,14 +86,14 @@ def _find(spec: ModelSpec) -> tuple[Path | None, str]:
     else:
         candidates = [spec.path / "onnx"] if spec.is_local else []
     try:
-        candidates.append(cache_folder(spec))
+        current = _fingerprint(spec)
     except loading.LoadError:
         return None, ""
+    candidates.append(cache_folder(spec, current))
     for folder in candidates:
         if not (folder / loading.ONNX_MANIFEST).is_file():
             continue
         manifest = loading.read_onnx_manifest(folder)
-        current = loading.weights_fingerprint(_model_folder(spec))
         if manifest.get("source_fingerprint") != current:
             return None, (f"the ONNX export in {folder} was made from other weights than {spec.id}'s; "
                           f"re-export with: python -m pipelines export-onnx --model {spec.id} --out {folder}")

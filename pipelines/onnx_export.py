@@ -79,38 +79,19 @@ class _Denoiser(torch.nn.Module):
         extra = {"text_embeds": text_embeds.to(dt), "time_ids": time_ids.to(dt)} if self.sdxl else None
         out = self.unet(sample.to(dt), timestep, encoder_hidden_states=prompt_embeds.to(dt),
                         added_cond_kwargs=extra).sample.float()
-        x = sample.to(dt).float()
-        abar = self.alphas[timestep].view(-1, 1, 1, 1)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        if self.ptype == "epsilon":
-            return (x - s * out) / a.clamp_min(1e-4)
-        if self.ptype == "v_prediction":
-            return a * x - s * out
-        return out
+        return onestep.x0_from(self.alphas[timestep].view(-1, 1, 1, 1), out, sample.to(dt).float(), self.ptype)
 
     def forward(self, sample, timestep, prompt_embeds, text_embeds=None, time_ids=None):
         return self.x0(sample, timestep, prompt_embeds, text_embeds, time_ids)
 
 
-class _GraphNASA(nasa.NASAAttnProcessor):
-    """NASA with alpha as a tensor (a graph input); the tracer keeps the subtraction branch."""
-
-    def __init__(self, negative_embeds: torch.Tensor, alpha: torch.Tensor):  # no check_alpha: alpha is a tensor here
-        self.negative_embeds, self.alpha, self.negative_mask = negative_embeds, alpha, None
-
-
 class _NasaDenoiser(_Denoiser):
+    """NASA with alpha as a graph input: traced with a non-zero example, so the subtraction stays in."""
+
     def forward(self, sample, timestep, prompt_embeds, negative_embeds, nasa_alpha, text_embeds=None, time_ids=None):
-        layers = nasa.cross_attention_layers(self.unet)
-        previous = [layer.processor for layer in layers]
-        processor = _GraphNASA(negative_embeds.to(self.unet.dtype), nasa_alpha.to(self.unet.dtype))
-        try:
-            for layer in layers:
-                layer.set_processor(processor)
+        dt = self.unet.dtype
+        with nasa.applied(self.unet, negative_embeds.to(dt), nasa_alpha.to(dt)):
             return self.x0(sample, timestep, prompt_embeds, text_embeds, time_ids)
-        finally:
-            for layer, old in zip(layers, previous):
-                layer.set_processor(old)
 
 
 class _Decoder(torch.nn.Module):
@@ -119,7 +100,7 @@ class _Decoder(torch.nn.Module):
         self.vae = vae
 
     def forward(self, latents):
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.float()
+        return onestep.decode(self, latents)  # `self.vae`, as a pipeline has it
 
 
 # ----------------------------------------------------------------------------------------- export
@@ -314,13 +295,7 @@ def _verify(folder: Path, graphs: dict, dtype: str) -> dict:
 
 
 def file_entry(path: Path) -> dict:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": loading.file_sha256(path)}
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -5,6 +5,7 @@ what family it is, its defaults, and who its teacher is.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,12 @@ ASSETS = ROOT / "assets" / "models"
 # NASA strength for a student that names none: the paper's training-free default for SD2.1-family
 # students (0.1 for SD1.5, 0.5 for PixArt); SDXL has no published value, 0.2 sits between.
 DEFAULT_NASA_ALPHA = 0.2
+
+def cache_root() -> Path:
+    """The project's cache outside the work tree: $ONESTEP_CACHE, else ~/.cache/onestep (data pools, run
+    checkpoints, ONNX exports, converted reward weights)."""
+    return Path(os.environ.get("ONESTEP_CACHE") or Path.home() / ".cache" / "onestep").expanduser()
+
 
 FAMILIES = ("sd", "sdxl", "sana", "flux")
 UNET_FAMILIES = ("sd", "sdxl")  # every feature; SANA and FLUX get plain generation
@@ -52,6 +59,11 @@ class ModelSpec:
     def path(self) -> Path:
         p = Path(self.source)
         return p if p.is_absolute() else ROOT / p
+
+    @property
+    def offered_nasa_alpha(self) -> float:
+        """The NASA alpha a negative-prompt control starts at: the model's own, else the default."""
+        return self.nasa_alpha or DEFAULT_NASA_ALPHA
 
     def control_source(self, preprocessor: str, kind: str) -> str | None:
         """The folder/repo of this model's own "controlnet" or "nct" adapter for `preprocessor`

@@ -171,6 +171,11 @@ class Refinement:
             self.eps.grad = grad
             opt.step()
 
+    @property
+    def best_iteration(self) -> int:
+        """The best iterate so far (-1 before the first)."""
+        return self._best[1] if self._best is not None else -1
+
     def result(self) -> RenoResult:
         if self._best is None:
             raise ValueError("ReNO has not run an iteration yet")

@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     run.add_argument("--name", default=None, help="job name (letters, digits, . _ -)")
     run.add_argument("--prompts", default=None,
                      help="'shapes', a built-in list name (shapeeval, heldout) or a text file under the data roots")
-    run.add_argument("--wait", action="store_true", help="follow the job to its end (the default)")
     run.add_argument("--detach", action="store_true", help="return once the job is queued or started")
     sub.add_parser("list", help="every job, newest first")
     sub.add_parser("methods", help="what can be trained, with the defaults")

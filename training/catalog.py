@@ -12,7 +12,6 @@ import importlib.util
 import json
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,7 @@ from typing import Callable
 from pipelines import loading, registry
 
 from . import checkpoint
-from .config import CONFIGS, field_names, from_dict
+from .config import CONFIGS, field_names, from_dict, parse_value
 
 ROOT = registry.ROOT
 SHAPES = ROOT / registry.SHAPES_DIR
@@ -45,7 +44,8 @@ def check_name(name: str, what: str = "job name") -> str:
 
 
 # --- exporting a checkpoint ---------------------------------------------------------------------------------
-def _latest(run_dir: Path) -> Path:
+def latest_complete(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run, or a one-line error saying when the first will come."""
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
         raise ValueError(f"run {run_dir.name} has no complete checkpoint yet; wait for its first save "
@@ -57,7 +57,7 @@ def _latest(run_dir: Path) -> Path:
 def _export_dmd2(cfg, run_dir: Path, out: Path) -> Path:
     from .methods import dmd2
 
-    return dmd2.export_checkpoint(cfg, _latest(run_dir), out)
+    return dmd2.export_checkpoint(cfg, latest_complete(run_dir), out)
 
 
 def _export_msd(cfg, run_dir: Path, out: Path) -> Path:
@@ -75,9 +75,7 @@ def _export_msd(cfg, run_dir: Path, out: Path) -> Path:
         if (model_dir / name / "model_index.json").is_file():
             shutil.copytree(model_dir / name, out / name, dirs_exist_ok=True)
             continue
-        init = run_dir / f"tsm-{i}" / "unet"
-        sub = dataclasses.replace(msd._as_dmd2(cfg), run_dir=str(run_dir / name),
-                                  generator_init=str(init) if cfg.width_mult < 1 else "")
+        sub = msd.student_config(dataclasses.replace(cfg, run_dir=str(run_dir)), i)
         if checkpoint.latest(run_dir / name) is None:
             raise ValueError(f"MSD {name} (of {len(meta['students'])}) has no checkpoint yet; students train one "
                              "after another, try again after its first save")
@@ -93,7 +91,7 @@ def _export_teacher(cfg, run_dir: Path, out: Path) -> Path:
 
     from .methods import teacher
 
-    ckpt = _latest(run_dir)
+    ckpt = latest_complete(run_dir)
     text_encoder = teacher.text_encoder_from_clip(CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True))
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True, dtype=torch.float32)
     unet = teacher.build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
@@ -106,17 +104,15 @@ def _export_vae(cfg, run_dir: Path, out: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL
 
-    from .common import to_tensor
-    from .data import make_pool
     from .methods import vae
 
-    ckpt = _latest(run_dir)
+    ckpt = latest_complete(run_dir)
     model = (AutoencoderKL.from_pretrained(cfg.init_from, use_safetensors=True, dtype=torch.float32)
              if cfg.init_from else vae.build_model(cfg))
     model.load_state_dict(loading.load_state_dict(ckpt / "model-vae.safetensors"))
     model.eval()
-    if not cfg.decoder_only:  # as at the end of training: unit-variance latents
-        vae.set_scaling_factor(model, to_tensor(make_pool(64, seed=10_000 + cfg.seed)[0]))
+    if not cfg.decoder_only:  # as at the end of training: unit-variance latents on the same renders
+        vae.set_scaling_factor(model, vae.held_out(cfg))
     vae.export(model, out)
     return out
 
@@ -126,7 +122,7 @@ def _export_clip(cfg, run_dir: Path, out: Path) -> Path:
 
     from .methods import clip
 
-    ckpt = _latest(run_dir)
+    ckpt = latest_complete(run_dir)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
     model = clip.build_model(cfg, tokenizer)
     model.load_state_dict(loading.load_state_dict(ckpt / "model-clip.safetensors"))
@@ -139,12 +135,10 @@ def _export_adapter(name: str, base_field: str, module_key: str) -> Callable:
 
     def export(cfg, run_dir: Path, out: Path) -> Path:
         import torch
-    
-        from pipelines import loading
 
         from .methods import controlnet
 
-        ckpt = _latest(run_dir)
+        ckpt = latest_complete(run_dir)
         pipe = loading.load_pipeline(getattr(cfg, base_field), device="cpu", dtype=torch.float32, cache=False)
         net = controlnet.new_controlnet(pipe.unet, pipe.vae_scale_factor)
         net.load_state_dict(loading.load_state_dict(ckpt / f"model-{module_key}.safetensors"))
@@ -220,10 +214,7 @@ def parse_overrides(pairs) -> dict:
         key, sep, raw = str(pair).partition("=")
         if not sep or not key.strip():
             raise ValueError(f"setting {str(pair)[:80]!r} is not key=value; e.g. steps=500")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key.strip()] = raw
+        out[key.strip()] = parse_value(raw)
     return out
 
 
@@ -253,8 +244,10 @@ def _under(path: Path, roots) -> bool:
     return any(real == r.resolve() or r.resolve() in real.parents for r in roots)
 
 
-def build_config(method: Method, base: str | None, overrides: dict, run_dir: Path, data_roots) -> object:
-    """Per-method defaults <- base <- overrides, every value checked; raises ValueError with one line."""
+def build_config(method: Method, base: str | None, overrides: dict, run_dir: Path, data_roots,
+                 prompts_file: Path | None = None) -> object:
+    """Per-method defaults <- base <- overrides, every value checked; raises ValueError with one line.
+    `prompts_file`: an uploaded prompt list that will be written there (it replaces any prompts setting)."""
     cls = method.config_class()
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     allowed = sorted(set(field_names(cls)) - set(RESERVED))
@@ -286,13 +279,17 @@ def build_config(method: Method, base: str | None, overrides: dict, run_dir: Pat
                          "e.g. [999] or [999, 749, 499, 249]")
     if values.get("mixed_precision", "no") not in ("no", "fp16", "bf16"):
         raise ValueError(f"mixed_precision {values['mixed_precision']!r} is not allowed; allowed: no, fp16, bf16")
+    if prompts_file is not None:
+        if "prompts" not in defaults:
+            raise ValueError(f"the {method.name} method takes no prompt file")
+        values["prompts"] = str(prompts_file)
     if values.get("gan_weight", 0) > 0 and values.get("prompts", "shapes") != "shapes":
         raise ValueError("gan_weight > 0 needs real images: use prompts=shapes or gan_weight=0")
     for key in MODEL_FIELDS:
         if key != method.base_field and values.get(key):
             check_model_folder(key, Path(values[key]))
     for key in DATA_FIELDS:
-        if key in values:
+        if key in values and not (key == "prompts" and prompts_file is not None):  # written after the checks
             values[key] = check_data_path(key, values[key], data_roots)
     return from_dict({**values, "method": method.config, "run_dir": str(run_dir)})
 
@@ -354,10 +351,7 @@ def safetensors_params(folder: Path) -> int:
     """Parameter count of every .safetensors file under `folder`, read from the headers only."""
     total = 0
     for f in Path(folder).rglob("*.safetensors"):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
+        for k, v in loading.safetensors_header(f).items():
             if k != "__metadata__":
                 count = 1
                 for d in v["shape"]:
@@ -378,8 +372,6 @@ def estimate_memory(method: Method, cfg) -> dict:
     half = getattr(cfg, "mixed_precision", "no") in ("fp16", "bf16")
     parts = {}
     if method.base_field:
-        from pipelines import loading
-
         folder = loading.model_folder(registry.get(getattr(cfg, method.base_field)))
         unet = safetensors_params(folder / "unet")
         allp = safetensors_params(folder)

@@ -51,6 +51,14 @@ def save_grid(images, path: str | Path, columns: int = 8) -> Path:
     return path
 
 
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
+    """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
 def lr_factor(cfg, step: int) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup

@@ -215,6 +215,14 @@ def from_dict(data: dict):
     return cls(**kwargs)
 
 
+def parse_value(raw: str):
+    """An override's value: JSON when it parses (numbers, lists, true), else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def with_overrides(cfg, pairs: list[str]):
     """Apply `key=value` strings; the value is parsed as JSON when it can be, else kept as text."""
     changes = {}
@@ -223,10 +231,7 @@ def with_overrides(cfg, pairs: list[str]):
         key, sep, raw = pair.partition("=")
         if not sep or key not in allowed:
             raise ValueError(f"bad override {pair!r}: expected key=value with key one of {sorted(allowed)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        value = parse_value(raw)
         changes[key] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(cfg, **changes)
 

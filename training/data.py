@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.registry import cache_root
 from shapes import COLORS, HELDOUT_PAIRS, SHAPES, GrammarError, parse, render, sample_spec, to_prompt
 from shapes.grammar import RELATIONS, Spec
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep"))
+    return cache_root()
 
 
 def _valid(spec: Spec) -> bool:

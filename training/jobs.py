@@ -22,7 +22,6 @@ the jobs keep running.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import shutil
@@ -149,11 +148,6 @@ class JobManager:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._db() as db:
             db.execute(SCHEMA)
-            have = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
-            for col in SCHEMA[SCHEMA.index("(") + 1:SCHEMA.rindex(")")].split(","):  # a registry from an older
-                name, *decl = col.split()  # version gains the columns added since
-                if name not in have and name != "id":
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {' '.join(decl)}")
         self.poll()  # reconcile what happened while no manager was watching
         self._ensure_scheduler()
 
@@ -198,15 +192,9 @@ class JobManager:
         processes = self._check_processes(m, processes)
         run_dir = self.root / job_id
         if prompts_text is not None:
-            if "prompts" not in {f.name for f in dataclasses.fields(m.config_class())}:
-                raise ValueError(f"the {m.name} method takes no prompt file")
-            overrides.pop("prompts", None)
             _check_prompt_text(prompts_text)
-        cfg = catalog.build_config(m, base, overrides, run_dir, self.data_roots)
-        if prompts_text is not None:
-            if getattr(cfg, "gan_weight", 0) > 0:
-                raise ValueError("gan_weight > 0 needs real images: use the shapes world's prompts or gan_weight=0")
-            cfg = dataclasses.replace(cfg, prompts=str(run_dir / "prompts.txt"))
+        cfg = catalog.build_config(m, base, overrides, run_dir, self.data_roots,
+                                   prompts_file=run_dir / "prompts.txt" if prompts_text is not None else None)
         self.preflight(m, cfg, processes)
         run_dir.mkdir(parents=True)
         if prompts_text is not None:
@@ -278,7 +266,9 @@ class JobManager:
     def _watch(self, job: Job) -> None:
         own = _CHILDREN.get(job.id)
         code = own.poll() if own is not None else None
-        self._update(job.id, **self._progress_fields(job))
+        fields = self._progress_fields(job)
+        if (fields["step"], fields["checkpoint"]) != (job.step, job.checkpoint):  # no write when nothing moved
+            self._update(job.id, **fields)
         if job.pgid is None:  # claimed but not spawned: only its claimant can be in the middle of starting it
             if not _owner_alive(job.owner):
                 self._finish(job, None, vanished=True)
@@ -379,6 +369,11 @@ class JobManager:
             log.flush()
             return subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def watching(self) -> bool:
+        """True while this manager's own thread polls the jobs (callers need not poll too)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def _ensure_scheduler(self) -> None:
         if not self.background:
@@ -481,8 +476,9 @@ class JobManager:
     def progress(self, job: Job) -> dict:
         """step, total, fraction, pace (steps/s), ETA and `quiet` (seconds since the run last wrote a line)."""
         running = job.status == "running"
-        step = runlog.step_reached(job.method, job.path) if running else job.step
-        rate = runlog.pace(job.method, job.path)
+        rows = runlog.timed_rows(job.method, job.path)  # read once for both step and pace
+        step = runlog.step_reached(job.method, job.path, rows) if running else job.step
+        rate = runlog.pace(job.method, job.path, rows)
         total = job.total or 1
         return {"step": step, "total": job.total, "fraction": min(1.0, step / total), "rate": rate,
                 "eta": (total - step) / rate if rate and running else None, "status": job.status,
@@ -513,10 +509,7 @@ class JobManager:
         m = catalog.get_method(job.method)
         if not m.makes_images:
             raise ValueError(f"a {job.method} job makes no images to try; use Export to write its model folder")
-        ckpt = checkpoint.latest(job.path)
-        if ckpt is None:
-            raise ValueError(f"job {job.id} has no complete checkpoint yet; wait for its first save "
-                             f"(every {job.config.save_every} steps)")
+        ckpt = catalog.latest_complete(job.path)
         out = job.path / "export" / ckpt.name
         if not out.exists():
             self._export_to(job, out)

@@ -36,16 +36,18 @@ def main(argv=None) -> int:
         result = msd.train(cfg)
         if result["finished"] and args.export:
             msd.export(result, args.export)
-    elif cfg.method in ("controlnet", "nct"):
-        from .methods import controlnet, nct
+    elif cfg.method == "controlnet":
+        from .methods import controlnet
 
-        result = (controlnet if cfg.method == "controlnet" else nct).train(cfg)
+        result = controlnet.train(cfg)
         if result["finished"] and args.export:
-            controlnet.export(result["controlnet" if cfg.method == "controlnet" else "adapter"], args.export)
-            if cfg.method == "nct":
-                from pipelines.registry import get
+            controlnet.export(result["controlnet"], args.export)
+    elif cfg.method == "nct":
+        from .methods import nct
 
-                nct.write_meta(get(cfg.student).path, cfg.preprocessor, args.export)
+        result = nct.train(cfg)
+        if result["finished"] and args.export:
+            nct.export(result["adapter"], cfg, args.export)
     elif cfg.method == "tiny_decoder":
         from .methods import tiny_decoder
 

@@ -88,8 +88,19 @@ def metrics(method: str, run_dir: Path, max_bytes: int = 1 << 20) -> list[dict]:
     return out
 
 
-def step_reached(method: str, run_dir: Path) -> int:
-    rows = [r for r in metrics(method, run_dir, max_bytes=65536) if "time" in r]
+def timed_rows(method: str, run_dir: Path) -> list[dict]:
+    """The training lines (those with a `time`) near the end of the metrics: what step and pace need."""
+    return [r for r in metrics(method, run_dir, max_bytes=65536) if "time" in r]
+
+
+def metrics_stamp(method: str, run_dir: Path) -> tuple:
+    """(name, size, mtime) of each metrics file: changes exactly when there is something new to read."""
+    return tuple((str(f), st.st_size, st.st_mtime_ns) for f in metric_files(method, run_dir)
+                 if f.is_file() and (st := f.stat()))
+
+
+def step_reached(method: str, run_dir: Path, rows: list[dict] | None = None) -> int:
+    rows = timed_rows(method, run_dir) if rows is None else rows
     if method == "msd":  # the sum over students of each one's last step
         last = {}
         for r in rows:
@@ -98,9 +109,9 @@ def step_reached(method: str, run_dir: Path) -> int:
     return rows[-1]["step"] if rows else 0
 
 
-def pace(method: str, run_dir: Path) -> float | None:
+def pace(method: str, run_dir: Path, rows: list[dict] | None = None) -> float | None:
     """Steps per second over the newest stretch of one attempt (its `time` restarts at each attempt)."""
-    rows = [r for r in metrics(method, run_dir, max_bytes=65536) if "time" in r]
+    rows = timed_rows(method, run_dir) if rows is None else rows
     recent = []
     for r in reversed(rows):  # going back, `time` keeps falling within one attempt of one sub-run
         if recent and (r["time"] >= recent[-1]["time"] or r["source"] != recent[-1]["source"]):
@@ -120,5 +131,5 @@ def quiet_seconds(method: str, run_dir: Path) -> float | None:
 
 
 def latest_sample(run_dir: Path) -> Path | None:
-    grids = list(run_dir.glob("**/samples/step-*.png"))
+    grids = [*run_dir.glob("samples/step-*.png"), *run_dir.glob("student-*/samples/step-*.png")]  # MSD: per student
     return max(grids, key=lambda p: (p.stat().st_mtime, p.name)) if grids else None

@@ -19,7 +19,7 @@ def caption(item: compare.Scored) -> str:
 
 
 def build_compare(services: Services) -> dict:
-    students = sorted((m for m in services.model_choices() if _has_teacher(m)), key=lambda m: not _installed(m))
+    students = sorted(services.students(with_teacher=True), key=lambda m: not _installed(m))
 
     @gpu
     @user_errors
@@ -67,7 +67,7 @@ def build_compare(services: Services) -> dict:
 def _default_alpha(model_id) -> float | None:
     """The student's own NASA alpha; None for a model the registry does not know."""
     try:
-        return registry.get(model_id).nasa_alpha or registry.DEFAULT_NASA_ALPHA
+        return registry.get(model_id).offered_nasa_alpha
     except (registry.UnknownModelError, TypeError):
         return None
 
@@ -81,9 +81,3 @@ def _installed(model_id: str) -> bool:
     spec = registry.get(model_id)
     return spec.is_local and registry.installed(spec)
 
-
-def _has_teacher(model_id: str) -> bool:
-    try:
-        return registry.get(model_id).teacher is not None
-    except registry.UnknownModelError:
-        return False

@@ -28,7 +28,7 @@ def source_image(upload, sketch):
 
 
 def build_control(services: Services, generate_tab: dict | None = None) -> dict:
-    students = [m for m in services.model_choices() if _student_with_teacher(m)] or services.model_choices()
+    students = services.students(with_teacher=True) or services.model_choices()
 
     def settings(preprocessor, low, high):
         return {"low": int(low), "high": int(high)} if preprocessor == "canny" else {}
@@ -51,6 +51,7 @@ def build_control(services: Services, generate_tab: dict | None = None) -> dict:
         spec = registry.get(model_id)
         if spec.role != "student" or not spec.teacher:
             raise ValueError(f"{model_id} is not a student with a teacher; Control compares both (pick e.g. shapes-64)")
+        img = control.read_image(img)  # decode and check the upload once, not once per way
         cells, lines = [], []
         for label, who, kind in WAYS:
             target = model_id if who == "student" else spec.teacher
@@ -126,10 +127,3 @@ def build_control(services: Services, generate_tab: dict | None = None) -> dict:
                      [gallery, summary], api_name="control", concurrency_id="gpu")
     return {"model": model}
 
-
-def _student_with_teacher(model_id: str) -> bool:
-    try:
-        spec = registry.get(model_id)
-    except registry.UnknownModelError:
-        return False
-    return spec.role == "student" and spec.teacher is not None

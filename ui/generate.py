@@ -3,9 +3,6 @@ dropped), with the time of each stage, a running images/s figure, a history of t
 and PNGs that carry their settings (drop one back in to restore and reproduce it)."""
 from __future__ import annotations
 
-import secrets
-import time
-
 import gradio as gr
 
 from pipelines import generation, nasa, registry
@@ -44,12 +41,10 @@ def build_generate(services: Services) -> dict:
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
                                   device=services.device, negative_mode=negative_mode or "nasa",
                                   nasa_alpha=None if nasa_alpha is None else float(nasa_alpha))
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         files = []
         for i, img in enumerate(res.images):
             settings = generation.image_settings(res.settings, i)
-            # unguessable names: outputs/ is served, and other users must not find this user's images
-            path = services.outputs / f"{stamp}-{secrets.token_hex(8)}-{settings['seed']}.png"
+            path = services.output_path(f"{settings['seed']}.png")
             files.append((str(generation.save_png(img, path, settings)), f"seed {settings['seed']}"))
         last = {"files": files, "timings": res.timings, "info": res.info, "notice": res.notice}
         return files, timing_line(res.timings, len(files), None, res.info, res.notice), str(seed), last
@@ -82,7 +77,7 @@ def build_generate(services: Services) -> dict:
         except registry.UnknownModelError:
             return gr.update(), gr.update(), gr.update()
         return (gr.update(value=s.steps, maximum=50 if s.role == "teacher" else 4), gr.update(value=s.resolution),
-                gr.update(value=s.nasa_alpha or registry.DEFAULT_NASA_ALPHA))
+                gr.update(value=s.offered_nasa_alpha))
 
     with gr.Tab("Generate", id="generate"):
         history_state = gr.State([])
@@ -101,7 +96,7 @@ def build_generate(services: Services) -> dict:
                                              elem_id="negative-mode",
                                              info="NASA: in attention, one pass; CFG: two passes blended "
                                                   "(teachers always use CFG)")
-                    nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=spec.nasa_alpha or registry.DEFAULT_NASA_ALPHA,
+                    nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=spec.offered_nasa_alpha,
                                            step=0.05, label="NASA alpha", elem_id="nasa-alpha",
                                            info="how hard to steer away; too high lets the negative take over")
                 with gr.Row():

@@ -3,9 +3,6 @@ iteration, the reward curve, a before/after view, cancel, and the optimized nois
 reproduces the image exactly when loaded back."""
 from __future__ import annotations
 
-import secrets
-import time
-
 import gradio as gr
 import pandas as pd
 
@@ -36,7 +33,7 @@ def status_line(step: reno.RenoStep, best_iteration: int, total: int) -> str:
 
 
 def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
-    students = [m for m in services.model_choices() if _is_student(m)] or services.model_choices()
+    students = services.students() or services.model_choices()
     default = services.default_model if services.default_model in students else students[0]
 
     @gpu
@@ -52,18 +49,15 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
         pipe = loading.load_pipeline(model_id, device=services.device)
         job = reno.Refinement(pipe, spec, prompt, (reward_text or "").strip() or None, seed=seed, steps=int(steps),
                               config=config)
-        best = 0
         for step in job:
-            best = step.iteration if step.best else best
-            yield (step.image, gr.update(), curve(job.history), status_line(step, best, config.iterations),
-                   gr.update())
+            yield (step.image, gr.update(), curve(job.history),
+                   status_line(step, job.best_iteration, config.iterations), gr.update())
             if flag.get("stop"):  # Cancel: stop here, and still keep (and show) the best iterate so far
                 job.stopped = "cancelled"
                 break
         res = job.result()
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}"
-        png = generation.save_png(res.best, services.outputs / f"{stamp}-reno.png", res.settings)
-        noise = reno.save_noise(res.best_noise, res.settings, services.outputs / f"{stamp}-noise.safetensors")
+        png = generation.save_png(res.best, services.output_path("reno.png"), res.settings)
+        noise = reno.save_noise(res.best_noise, res.settings, services.output_path("noise.safetensors"))
         first, top = res.history[0], res.history[res.best_iteration]
         gains = " · ".join(f"{k} {first['rewards'][k]:.2f} → {top['rewards'][k]:.2f}" for k in top["rewards"])
         summary = (f"**Done** ({res.stopped}): best iterate {res.best_iteration + 1} of {len(res.history)} in "
@@ -96,7 +90,7 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
                 prompt = gr.Textbox(label="Prompt", value="two red circles", elem_id="refine-prompt")
                 with gr.Row():
                     seed = gr.Textbox(label="Seed (start noise)", value="0", elem_id="refine-seed")
-                    steps = gr.Slider(1, 4, value=registry.get(default).steps if _is_student(default) else 1, step=1,
+                    steps = gr.Slider(1, 4, value=registry.get(default).steps if default in services.students() else 1, step=1,
                                       label="Student steps")
                 from_generate = gr.Button("Use the image in Generate", size="sm", elem_id="refine-from-generate")
                 reward_box = gr.Textbox(label="Rewards (name=weight)", value=default_rewards(default),
@@ -133,9 +127,3 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
                                 [model, prompt, seed, steps], api_visibility="private")
     return {"model": model}
 
-
-def _is_student(model_id: str) -> bool:
-    try:
-        return registry.get(model_id).role == "student"
-    except registry.UnknownModelError:
-        return False

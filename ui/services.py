@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import inspect
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,23 @@ class Services:
     training: bool = True  # the Train tab; off when the app listens beyond loopback without --enable-training
     runs: Path | None = None  # training runs root (None: $ONESTEP_RUNS or runs/)
     jobs: object = field(default=None, repr=False)  # the JobManager, made on first use (job_manager())
+
+    def students(self, with_teacher: bool = False) -> list[str]:
+        """The offered models that are one- to few-step students (with a teacher to compare, if asked)."""
+        found = []
+        for model_id in self.model_choices():
+            try:
+                spec = registry.get(model_id)
+            except UnknownModelError:
+                continue
+            if spec.role == "student" and (spec.teacher is not None or not with_teacher):
+                found.append(model_id)
+        return found
+
+    def output_path(self, name: str) -> Path:
+        """outputs/<time>-<random>-<name>: unguessable, since outputs/ is served and other users must not
+        find this user's files."""
+        return self.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(8)}-{name}"
 
     def exports_dir(self) -> Path:
         return Path(self.runs) / "exports" if self.runs is not None else registry.exports_root()

@@ -15,7 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines import registry
-from training import catalog
+from training import catalog, runlog
 from training.jobs import MAX_PROMPT_BYTES
 
 from .services import Services, gpu, user_errors
@@ -185,19 +185,17 @@ def build_train(services: Services, generate_tab: dict | None = None, compare_ta
         return (note, *_model_box_updates(None))
 
     def _model_box_updates(select: str | None):
-        updates = []
-        if generate_tab is not None:
-            updates.append(gr.update(choices=services.model_choices(), **({"value": select} if select else {})))
-        if compare_tab is not None:
-            updates.append(gr.update(choices=services.model_choices(), **({"value": select} if select else {})))
-        return updates
+        value = {"value": select} if select else {}
+        return [gr.update(choices=services.model_choices(), **value) for tab in (generate_tab, compare_tab)
+                if tab is not None]
 
     def _ids() -> list[str]:
         return [j.id for j in jobs.list()]
 
     def refresh(job_id, shown):
         """Timer tick: poll the manager; send only what changed (the sample and plot are not resent each tick)."""
-        jobs.poll()
+        if not jobs.watching:  # the manager's own thread polls every second when it runs
+            jobs.poll()
         shown = dict(shown or {})
         all_jobs = jobs.list()
         ids = [j.id for j in all_jobs]
@@ -216,10 +214,9 @@ def build_train(services: Services, generate_tab: dict | None = None, compare_ta
 
                 sample = Image.open(grid).convert("RGB") if grid else None
                 shown["sample"] = key
-            rows = jobs.metrics(job)
-            key = f"{job.id}:{len(rows)}"
-            if key != shown.get("plot"):
-                plot = loss_frame(rows)
+            key = f"{job.id}:{runlog.metrics_stamp(job.method, job.path)}"
+            if key != shown.get("plot"):  # parse the metrics only when a file changed
+                plot = loss_frame(jobs.metrics(job))
                 shown["plot"] = key
             text = jobs.log(job) if job.status == "running" else (jobs.log(job) or job.log_tail)
             if text != shown.get("log"):

@@ -15,12 +15,13 @@ weights are missing says exactly what is missing and how to get it.
 """
 from __future__ import annotations
 
+import abc
 import os
 import threading
 from pathlib import Path
 import torch
 
-from ..registry import ModelSpec, in_shapes_world
+from ..registry import ModelSpec, cache_root, in_shapes_world
 
 # name -> (module, default weight in ReNO's loss units)
 REWARDS = {"clip": 0.01, "pickscore": 0.05, "hpsv2": 5.0, "imagereward": 1.0}
@@ -29,7 +30,7 @@ SHAPES_REWARDS = {"clip": 0.01}  # the embedded world has one reward model: its 
 
 def local_weights(env: str, name: str) -> Path:
     """Where a converted reward checkpoint lives: $env, else ~/.cache/onestep/rewards/<name> ($ONESTEP_CACHE)."""
-    root = Path(os.environ.get("ONESTEP_CACHE", Path.home() / ".cache" / "onestep")) / "rewards"
+    root = cache_root() / "rewards"
     return Path(os.environ.get(env, root / name))
 
 
@@ -37,14 +38,15 @@ class RewardUnavailable(ValueError):
     """A reward whose package or weights are not on this machine; the message says what to get."""
 
 
-class Reward:
+class Reward(abc.ABC):
     """Base: subclasses set `name`, `offset` and implement `score`."""
 
     def __init__(self, name: str = "", offset: float = 0.0):
         self.name, self.offset = name, offset
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Differentiable score per image (higher is better) of images in [-1, 1] against their prompts."""
 
     def loss_of(self, score: torch.Tensor) -> torch.Tensor:
         """ReNO's loss form of a score: lower is better."""

@@ -24,7 +24,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 from shapes import COLORS, SHAPES
 from shapes.grammar import NUMBERS, PLURALS
 
-from ..common import to_tensor, train_loop
+from ..common import optimize, to_tensor, train_loop
 from ..data import pool
 
 MAX_TOKENS = 24  # bos + 22 content tokens + eos
@@ -140,10 +140,7 @@ def train(cfg) -> dict:
         idx = np.concatenate([pairs, pairs + 1, rng.integers(len(prompts), size=cfg.batch_size - 2 * n_hard)])
         batch_prompts = [prompts[i] for i in idx]
         loss = contrastive_loss(model, to_tensor(images[idx]), tokenize(tokenizer, batch_prompts), batch_prompts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, model.parameters())
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
     result = train_loop(cfg, {"clip": model}, {"clip": opt}, step)

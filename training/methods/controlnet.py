@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler
-from safetensors.torch import load_file, save_file
 
 from pipelines import control, loading, onestep, registry
 
-from ..common import to_tensor, train_loop
+from ..common import optimize, train_loop
 from ..data import pool
+from .teacher import cached_latents
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -84,15 +84,7 @@ def train(cfg) -> dict:
 
     images, prompts = pool(cfg.data_size, seed=cfg.seed + 11) if cfg.images == "shapes" else folder_data(
         cfg.images, size, cfg.data_size)
-    cache = Path(cfg.run_dir) / "latents.safetensors"  # encoded once per run; a resume skips it
-    if cache.is_file():
-        latents = load_file(str(cache))["latents"]
-    else:
-        with torch.no_grad():
-            latents = torch.cat([pipe.vae.encode(to_tensor(images[k:k + 128])).latent_dist.mode()
-                                 for k in range(0, len(images), 128)]) * pipe.vae.config.scaling_factor
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.contiguous()}, str(cache))
+    latents = cached_latents(pipe.vae, images, Path(cfg.run_dir) / "latents.safetensors")
     maps = np.stack([control.detect(im, cfg.preprocessor) for im in images])
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
@@ -113,10 +105,7 @@ def train(cfg) -> dict:
         pred = pipe.unet(zt, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs,
                          down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = (weight[t] * F.mse_loss(pred.float(), target, reduction="none").mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, net.parameters())
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
     result = train_loop(cfg, {"controlnet": net}, {"controlnet": opt}, step)

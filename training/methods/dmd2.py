@@ -355,12 +355,13 @@ def export(result: dict, cfg, out_dir: str | Path) -> Path:
     """Write the student as a diffusers folder (teacher's components, generator UNet with any LoRA merged)
     plus onestep.json, so the registry serves it like any model."""
     d = result["distiller"]
-    return save_student(d.pipe, result["accelerator"].unwrap_model(d.generator), cfg, d.height, out_dir)
+    generator = copy.deepcopy(result["accelerator"].unwrap_model(d.generator))  # the live one keeps training
+    return save_student(d.pipe, generator, cfg, d.height, out_dir)
 
 
-def save_student(pipe, generator, cfg, resolution: int, out_dir: str | Path) -> Path:
-    """The teacher pipeline `pipe` with `generator` (fp16, LoRA fused) in place of its UNet, + onestep.json."""
-    unet = copy.deepcopy(generator)
+def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
+    """The teacher pipeline `pipe` with `unet` (made fp16, LoRA fused: it is changed) in place of its UNet,
+    plus onestep.json."""
     if getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()

@@ -51,10 +51,22 @@ def make_router(cfg, d: dmd2.Distiller) -> dict:
     raise ValueError(f"unknown router {cfg.router!r}; allowed: category, embedding")
 
 
+def tsm_folder(cfg, index: int) -> Path:
+    """Where student `index`'s teacher-score-matching warm-up keeps its UNet."""
+    return Path(cfg.run_dir) / f"tsm-{index}" / "unet"
+
+
+def student_config(cfg, index: int) -> Dmd2Config:
+    """Student `index`'s DMD2 run: its own run folder, its share of the prompts, its warm start."""
+    return dataclasses.replace(_as_dmd2(cfg), run_dir=str(Path(cfg.run_dir) / f"student-{index}"),
+                               route=str(Path(cfg.run_dir) / "model"), route_index=index,
+                               generator_init=str(tsm_folder(cfg, index)) if cfg.width_mult < 1 else "")
+
+
 def tsm(cfg, d: dmd2.Distiller, index: int, router_dir: Path) -> Path:
     """Teacher score matching warm-up of a smaller student; returns its UNet folder."""
-    run_dir = Path(cfg.run_dir) / f"tsm-{index}"
-    out = run_dir / "unet"
+    out = tsm_folder(cfg, index)
+    run_dir = out.parent
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(cfg.seed + index)
@@ -122,9 +134,9 @@ def train(cfg) -> dict:
     for i, name in enumerate(students):
         if (model_dir / name / "model_index.json").is_file():
             continue
-        init = str(tsm(cfg, probe, i, model_dir)) if cfg.width_mult < 1 else ""
-        sub = dataclasses.replace(_as_dmd2(cfg), run_dir=str(Path(cfg.run_dir) / name), route=str(model_dir),
-                                  route_index=i, generator_init=init)
+        if cfg.width_mult < 1:
+            tsm(cfg, probe, i, model_dir)
+        sub = student_config(cfg, i)
         res = dmd2.train(sub)
         result.update({f"{name}_{key}": v for key, v in res.items() if isinstance(v, float)})
         if not res["finished"]:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pipelines import control, loading, onestep, registry
 
-from ..common import train_loop
+from ..common import optimize, train_loop
 from .controlnet import new_controlnet  # the adapter is a ControlNet (saved by controlnet.export)
 from .dmd2 import PromptSource
 
@@ -111,10 +111,7 @@ def train(cfg) -> dict:
         k = torch.randint(0, cfg.levels, (cfg.batch_size,), generator=gen)
         l_con, l_bound, _ = losses(model, net, z, eps, k, cfg.levels, cond, c, frozen)
         loss = l_con + state["lambda"] * l_bound
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, net.parameters())
         state["lambda"] = max(0.0, state["lambda"] + cfg.dual_lr * (l_bound.item() - cfg.boundary_target))
         return {"loss_con": l_con.item(), "loss_bound": l_bound.item(), "lambda": state["lambda"],
                 "lr": opt.param_groups[0]["lr"]}
@@ -123,6 +120,17 @@ def train(cfg) -> dict:
                         on_resume=lambda saved: state.update({"lambda": float(saved.get("lambda", cfg.lambda_init))}))
     result.update(adapter=net.eval(), pipe=pipe)
     return result
+
+
+def export(adapter, cfg, out_dir: str | Path) -> Path:
+    """The adapter as a ControlNetModel folder, recorded in the student's onestep.json (when it has one)."""
+    from pipelines.registry import get
+
+    from .controlnet import export as save
+
+    out = save(adapter, out_dir)
+    write_meta(get(cfg.student).path, cfg.preprocessor, out)
+    return out
 
 
 def write_meta(student_dir: str | Path, preprocessor: str, adapter_dir: str | Path) -> None:

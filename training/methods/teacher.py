@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from shapes import judge, sample_spec, to_prompt
 
-from ..common import to_tensor, train_loop
+from ..common import optimize, save_grid, to_tensor, train_loop
 from ..data import pool
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -81,6 +80,16 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> 
     return torch.cat(out)
 
 
+def cached_latents(vae: AutoencoderKL, images: np.ndarray, path: Path) -> torch.Tensor:
+    """`encode_latents`, computed once per run and kept beside it (safetensors), so a resume skips it."""
+    if path.is_file():
+        return load_file(str(path))["latents"]
+    latents = encode_latents(vae, images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(path))
+    return latents
+
+
 @torch.no_grad()
 def quick_eval(pipe: StableDiffusionPipeline, n: int, seed: int, steps: int = 20, guidance: float = 5.0):
     """ShapeEval pass rate of n teacher samples of random prompts, and the images."""
@@ -109,15 +118,8 @@ def train(cfg) -> dict:
     snr = alphas / (1 - alphas).clamp_min(1e-8)
     weight = snr.clamp(min=1.0, max=cfg.snr_gamma) / (snr + 1)
 
-    # latents are computed once per run and kept beside it (safetensors), so a resume skips this
-    cache = Path(cfg.run_dir) / "latents.safetensors"
     images, prompts = pool(cfg.data_size, seed=cfg.seed + 7)
-    if cache.is_file():
-        latents = load_file(str(cache))["latents"]
-    else:
-        latents = encode_latents(vae, images)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": latents.contiguous()}, str(cache))
+    latents = cached_latents(vae, images, Path(cfg.run_dir) / "latents.safetensors")
     rng = np.random.default_rng(cfg.seed + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 4)
 
@@ -132,10 +134,7 @@ def train(cfg) -> dict:
         target = noise_sched.get_velocity(z0, noise, t)
         pred = unet(zt, t, cond).sample
         loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, unet.parameters())
         decay = min(cfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
@@ -145,9 +144,7 @@ def train(cfg) -> dict:
     def sample(folder: Path, at_step: int):
         ema.eval()
         acc, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), cfg.eval_images, seed=at_step)
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = np.concatenate([np.concatenate(list(imgs[r * 8:(r + 1) * 8]), 1) for r in range(len(imgs) // 8)], 0)
-        Image.fromarray(grid).save(folder / f"step-{at_step:08d}.png")
+        save_grid(list(imgs), folder / f"step-{at_step:08d}.png")  # atomic: the Train tab may be reading it
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
             f.write(f'{{"step": {at_step}, "sample_shapeeval": {acc:.4f}}}\n')
         print(f"step {at_step}: quick ShapeEval {acc:.3f}", flush=True)

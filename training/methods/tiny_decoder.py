@@ -31,7 +31,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 from safetensors.torch import load_file, save_file
 
-from ..common import to_tensor, train_loop
+from ..common import optimize, to_tensor, train_loop
 from ..data import make_pool, pool
 from .vae import edge_map, psnr, reconstruction_shapeeval
 
@@ -126,10 +126,7 @@ def train(cfg) -> dict:
     def step(_):
         idx = torch.from_numpy(rng.integers(len(latents), size=cfg.batch_size))
         loss = loss_fn(tiny, latents[idx], targets[idx], cfg.edge_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tiny.decoder.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, tiny.decoder.parameters())
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
     result = train_loop(cfg, {"tiny_decoder": tiny}, {"tiny_decoder": opt}, step)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from ..common import to_tensor, train_loop
+from ..common import optimize, to_tensor, train_loop
 from ..data import make_pool, pool
 
 
@@ -94,21 +94,22 @@ def train(cfg) -> dict:
         rec_loss = (weight * ((rec - x).abs() + (rec - x) ** 2)).mean()
         kl = post.kl().mean() / x[0].numel()
         loss = rec_loss + cfg.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimize(opt, loss, vae.parameters())
         return {"loss": loss.item(), "rec": rec_loss.item(), "kl": kl.item(), "lr": opt.param_groups[0]["lr"]}
 
     result = train_loop(cfg, {"vae": vae}, {"vae": opt}, step)
     vae.eval()
-    held, _ = make_pool(256, seed=10_000 + cfg.seed)
-    held = to_tensor(held)
+    held = held_out(cfg)
     if not cfg.decoder_only:  # a frozen encoder keeps its latents' scale
         result["scaling_factor"] = set_scaling_factor(vae, held)
     result["psnr"] = float(psnr(reconstruct(vae, held), held).mean())
     result["model"] = vae
     return result
+
+
+def held_out(cfg) -> torch.Tensor:
+    """The renders (never trained on) that set the scaling factor and measure PSNR at a run's end."""
+    return to_tensor(make_pool(256, seed=10_000 + cfg.seed)[0])
 
 
 def export(vae: AutoencoderKL, out_dir: str | Path) -> None:

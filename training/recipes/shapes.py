@@ -103,7 +103,7 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         if res["finished"] or args.export_partial:
             res.update(tiny_decoder.evaluate(res["model"], res["vae"], n=512, seed=30_000))
             tiny_decoder.export(res["model"], out / "tiny-decoder")
-        return {k: v for k, v in res.items() if k not in ("model", "vae")}
+        return res
     if stage == "teacher":
         from training import checkpoint
         from training.methods import teacher
@@ -129,7 +129,7 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         res = dmd2.train(cfg)
         if res["finished"] or args.export_partial:
             dmd2.export(res, cfg, out / stage.replace("_", "-"))
-        return {k: v for k, v in res.items() if k not in ("distiller", "accelerator")}
+        return res
     if stage == "controlnet":  # canny ControlNet for the teacher, from the renderer's images
         from training.config import ControlNetConfig
         from training.methods import controlnet
@@ -138,17 +138,16 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         res = controlnet.train(cfg)
         if res["finished"] or args.export_partial:
             controlnet.export(res["controlnet"], out / "controlnet-canny")
-        return {k: v for k, v in res.items() if k not in ("controlnet", "pipe")}
+        return res
     if stage == "nct":  # canny NCT adapter for the frozen one-step student: prompts and Canny only
         from training.config import NctConfig
-        from training.methods import controlnet, nct
+        from training.methods import nct
 
         cfg = with_overrides(NctConfig(student=str(out / "student"), **common), _overrides(args.set, stage))
         res = nct.train(cfg)
         if res["finished"] or args.export_partial:
-            controlnet.export(res["adapter"], out / "nct-canny")
-            nct.write_meta(out / "student", "canny", out / "nct-canny")
-        return {k: v for k, v in res.items() if k not in ("adapter", "pipe")}
+            nct.export(res["adapter"], cfg, out / "nct-canny")
+        return res
     if stage == "msd":
         from training.config import MsdConfig
         from training.methods import msd
