@@ -51,11 +51,17 @@ def save_grid(images, path: str | Path, columns: int = 8) -> Path:
     return path
 
 
-def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0) -> None:
-    """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update."""
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0,
+             accelerator=None) -> None:
+    """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update.
+    With an `accelerator`, its backward (gradient sync across processes, loss scaling) is used."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if accelerator is not None:
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, max_norm)
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
 
 

@@ -70,7 +70,7 @@ def make_pool(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
 
 
 def pool(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """make_pool, cached under ~/.cache/onestep/data (or $ONESTEP_CACHE) as .npz (no pickle)."""
+    """make_pool, cached under ~/.cache/onestep/data (or $ONESTEP_CACHE) as compressed .npz (no pickle)."""
     path = cache_dir() / "data" / f"shapes-pool-{n}-{seed}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as z:
@@ -78,6 +78,6 @@ def pool(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
     images, prompts = make_pool(n, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, prompts=np.array(prompts))
+    np.savez_compressed(tmp, images=images, prompts=np.array(prompts))
     os.replace(tmp, path)
     return images, prompts

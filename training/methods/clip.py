@@ -97,7 +97,7 @@ def tokenize(tokenizer, prompts) -> dict:
 
 def contrastive_loss(model: CLIPModel, images: torch.Tensor, tokens: dict, prompts: list[str]) -> torch.Tensor:
     out = model(pixel_values=images, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    same = torch.tensor([[a == b for b in prompts] for a in prompts], dtype=torch.float32)
+    same = torch.tensor([[a == b for b in prompts] for a in prompts], dtype=torch.float32, device=images.device)
     target = same / same.sum(1, keepdim=True)
     return 0.5 * (F.cross_entropy(out.logits_per_image, target) + F.cross_entropy(out.logits_per_text, target))
 
@@ -114,8 +114,8 @@ def retrieval_top1(model: CLIPModel, tokenizer, images: np.ndarray, prompts: lis
     model.eval()
     exact = satisfying = total = 0
     for k in range(0, len(prompts) - group + 1, group):
-        tok = tokenize(tokenizer, prompts[k:k + group])
-        out = model(pixel_values=to_tensor(images[k:k + group]), **tok)
+        tok = tokenize(tokenizer, prompts[k:k + group]).to(model.device)
+        out = model(pixel_values=to_tensor(images[k:k + group]).to(model.device), **tok)
         best = (out.text_embeds @ out.image_embeds.T).argmax(1)  # both unit-normalised
         for i, j in enumerate(best.tolist()):
             exact += prompts[k + j] == prompts[k + i]
@@ -126,24 +126,30 @@ def retrieval_top1(model: CLIPModel, tokenizer, images: np.ndarray, prompts: lis
 
 
 def train(cfg) -> dict:
-    """Train the tiny CLIP; cfg.tokenizer_dir must hold the tokenizer (build_tokenizer)."""
+    """Train the tiny CLIP; cfg.tokenizer_dir must hold the tokenizer (build_tokenizer). On a GPU when
+    there is one (accelerate's device)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
-    model = continue_from(cfg, tokenizer) if cfg.init_from else build_model(cfg, tokenizer)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    model = (continue_from(cfg, tokenizer) if cfg.init_from else build_model(cfg, tokenizer)).to(acc.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model_w, opt = acc.prepare(model, opt)
     images, prompts = pool(cfg.data_size, seed=cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + 1 + 7919 * acc.process_index)
 
     def step(_):
         n_hard = int(cfg.batch_size * cfg.hard_negative_prob) // 2
         pairs = rng.integers(len(prompts) // 2, size=n_hard) * 2
         idx = np.concatenate([pairs, pairs + 1, rng.integers(len(prompts), size=cfg.batch_size - 2 * n_hard)])
         batch_prompts = [prompts[i] for i in idx]
-        loss = contrastive_loss(model, to_tensor(images[idx]), tokenize(tokenizer, batch_prompts), batch_prompts)
-        optimize(opt, loss, model.parameters())
+        loss = contrastive_loss(model_w, to_tensor(images[idx]).to(acc.device),
+                                tokenize(tokenizer, batch_prompts).to(acc.device), batch_prompts)
+        optimize(opt, loss, params, accelerator=acc)
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
-    result = train_loop(cfg, {"clip": model}, {"clip": opt}, step)
+    result = train_loop(cfg, {"clip": model}, {"clip": opt}, step, accelerator=acc)
     result["model"] = model
     result["tokenizer"] = tokenizer
     return result

@@ -70,45 +70,50 @@ def train(cfg) -> dict:
         raise ValueError(control.unavailable(cfg.preprocessor))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pipe = loading.load_pipeline(cfg.teacher, device="cpu", dtype=torch.float32, cache=False)
+    from accelerate import Accelerator
+
+    acc = Accelerator()  # a GPU when there is one; `accelerate launch` for several
+    device = acc.device
+    pipe = loading.load_pipeline(cfg.teacher, device=str(device), dtype=torch.float32, cache=False)
     size = registry.get(cfg.teacher).resolution
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train()
+    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net_w, opt = acc.prepare(net, opt)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     ptype = sched.config.prediction_type
-    weight = min_snr_weight(sched.alphas_cumprod, ptype, cfg.snr_gamma)
+    weight = min_snr_weight(sched.alphas_cumprod, ptype, cfg.snr_gamma).to(device)
 
     images, prompts = pool(cfg.data_size, seed=cfg.seed + 11) if cfg.images == "shapes" else folder_data(
         cfg.images, size, cfg.data_size)
-    latents = cached_latents(pipe.vae, images, Path(cfg.run_dir) / "latents.safetensors")
+    latents = cached_latents(pipe.vae, images, Path(cfg.run_dir) / "latents.safetensors").to(device)
     maps = np.stack([control.detect(im, cfg.preprocessor) for im in images])
-    rng = np.random.default_rng(cfg.seed + 3)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    rng = np.random.default_rng(cfg.seed + 3 + 7919 * acc.process_index)
+    gen = torch.Generator().manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
 
     def step(i):
         idx = rng.integers(len(prompts), size=cfg.batch_size)
         texts = ["" if rng.random() < cfg.uncond_prob else prompts[j] for j in idx]
         with torch.no_grad():
             cond = onestep.encode_prompt(pipe, texts, size, size)
-        z0 = latents[idx]
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        z0 = latents[torch.from_numpy(idx).to(device)]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
         zt = sched.add_noise(z0, noise, t)
         target = {"epsilon": noise, "v_prediction": sched.get_velocity(z0, noise, t), "sample": z0}[ptype]
-        down, mid = net(zt, t, encoder_hidden_states=cond.prompt_embeds,
-                        controlnet_cond=torch.from_numpy(maps[idx]).permute(0, 3, 1, 2).float().div(255),
-                        added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)
+        down, mid = net_w(zt, t, encoder_hidden_states=cond.prompt_embeds,
+                          controlnet_cond=torch.from_numpy(maps[idx]).permute(0, 3, 1, 2).float().div(255).to(device),
+                          added_cond_kwargs=cond.added_cond_kwargs, return_dict=False)
         pred = pipe.unet(zt, t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=cond.added_cond_kwargs,
                          down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = (weight[t] * F.mse_loss(pred.float(), target, reduction="none").mean((1, 2, 3))).mean()
-        optimize(opt, loss, net.parameters())
+        optimize(opt, loss, net.parameters(), accelerator=acc)
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
-    result = train_loop(cfg, {"controlnet": net}, {"controlnet": opt}, step)
+    result = train_loop(cfg, {"controlnet": net}, {"controlnet": opt}, step, accelerator=acc)
     result.update(controlnet=net.eval(), pipe=pipe)
     return result
 

@@ -89,13 +89,18 @@ def train(cfg) -> dict:
         raise ValueError(f"{cfg.student} is not a one-step student; NCT adapts a frozen one-step generator")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pipe = loading.load_pipeline(cfg.student, device="cpu", dtype=torch.float32, cache=False)
+    from accelerate import Accelerator
+
+    acc = Accelerator()  # a GPU when there is one; `accelerate launch` for several
+    device = acc.device
+    pipe = loading.load_pipeline(cfg.student, device=str(device), dtype=torch.float32, cache=False)
     model = Adapted(pipe, spec)
     torch.manual_seed(cfg.seed)
-    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train()
+    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    prompts = PromptSource(cfg.prompts, cfg.seed + 1)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    net_w, opt = acc.prepare(net, opt)
+    prompts = PromptSource(cfg.prompts, cfg.seed + 1 + 1000 * acc.process_index)
+    gen = torch.Generator().manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
     size = spec.resolution
     shape = onestep.latent_shape(pipe, cfg.batch_size, size, size)
     state = {"lambda": float(cfg.lambda_init)}
@@ -104,20 +109,21 @@ def train(cfg) -> dict:
         texts, _ = prompts.sample(cfg.batch_size)
         with torch.no_grad():
             cond = onestep.encode_prompt(pipe, texts, size, size)
-            z = torch.randn(shape, generator=gen)
+            z = torch.randn(shape, generator=gen).to(device)
             frozen = model.x0(z, cond, None)
-            c = model.conditions(frozen, cfg.preprocessor)
-        eps = torch.randn(shape, generator=gen)
-        k = torch.randint(0, cfg.levels, (cfg.batch_size,), generator=gen)
-        l_con, l_bound, _ = losses(model, net, z, eps, k, cfg.levels, cond, c, frozen)
+            c = model.conditions(frozen, cfg.preprocessor).to(device)
+        eps = torch.randn(shape, generator=gen).to(device)
+        k = torch.randint(0, cfg.levels, (cfg.batch_size,), generator=gen).to(device)
+        l_con, l_bound, _ = losses(model, net_w, z, eps, k, cfg.levels, cond, c, frozen)
         loss = l_con + state["lambda"] * l_bound
-        optimize(opt, loss, net.parameters())
+        optimize(opt, loss, net.parameters(), accelerator=acc)
         state["lambda"] = max(0.0, state["lambda"] + cfg.dual_lr * (l_bound.item() - cfg.boundary_target))
         return {"loss_con": l_con.item(), "loss_bound": l_bound.item(), "lambda": state["lambda"],
                 "lr": opt.param_groups[0]["lr"]}
 
     result = train_loop(cfg, {"adapter": net}, {"adapter": opt}, step, extra_state=lambda: dict(state),
-                        on_resume=lambda saved: state.update({"lambda": float(saved.get("lambda", cfg.lambda_init))}))
+                        on_resume=lambda saved: state.update({"lambda": float(saved.get("lambda", cfg.lambda_init))}),
+                        accelerator=acc)
     result.update(adapter=net.eval(), pipe=pipe)
     return result
 
@@ -136,15 +142,12 @@ def export(adapter, cfg, out_dir: str | Path) -> Path:
 def write_meta(student_dir: str | Path, preprocessor: str, adapter_dir: str | Path) -> None:
     """Record the adapter in a local student's onestep.json, so the registry finds it."""
     import json
+    import os
 
     meta_path = Path(student_dir) / "onestep.json"
     if not meta_path.is_file():
         return
     meta = json.loads(meta_path.read_text())
-    rel = Path(adapter_dir).resolve()
-    try:
-        rel = rel.relative_to(Path(student_dir).resolve())
-    except ValueError:
-        pass
-    meta.setdefault("nct", {})[preprocessor] = str(rel)
+    rel = os.path.relpath(Path(adapter_dir).resolve(), Path(student_dir).resolve())  # e.g. "../nct-canny"
+    meta.setdefault("nct", {})[preprocessor] = rel
     meta_path.write_text(json.dumps(meta, indent=2))

@@ -69,14 +69,16 @@ def make_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline
 def encode_text(text_encoder, tokenizer, prompts) -> torch.Tensor:
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    """Scaled latent means of uint8 NHWC images, computed on the VAE's device and returned on the CPU."""
     out = []
     for k in range(0, len(images), batch):
-        out.append(vae.encode(to_tensor(images[k:k + batch])).latent_dist.mode() * vae.config.scaling_factor)
+        x = to_tensor(images[k:k + batch]).to(vae.device)
+        out.append((vae.encode(x).latent_dist.mode() * vae.config.scaling_factor).cpu())
     return torch.cat(out)
 
 
@@ -103,60 +105,75 @@ def quick_eval(pipe: StableDiffusionPipeline, n: int, seed: int, steps: int = 20
 
 
 def train(cfg) -> dict:
+    """Train on the device accelerate picks (a GPU when there is one); `accelerate launch` runs it on
+    several, each process drawing its own batches."""
+    from accelerate import Accelerator
+
+    acc = Accelerator()
+    device = acc.device
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clip = CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.clip_dir)
-    text_encoder = text_encoder_from_clip(clip).requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False)
+    text_encoder = text_encoder_from_clip(clip).requires_grad_(False).to(device)
+    vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False).to(device)
     unet = build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
     if cfg.init_unet:  # warm start from an exported EMA (a checkpoint in run_dir still wins)
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(cfg.init_unet, use_safetensors=True,
                                                                   dtype=torch.float32).state_dict())
+    unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    unet_w, opt = acc.prepare(unet, opt)
     noise_sched = DDPMScheduler(**{**SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps})
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas).clamp_min(1e-8)
-    weight = snr.clamp(min=1.0, max=cfg.snr_gamma) / (snr + 1)
+    weight = (snr.clamp(min=1.0, max=cfg.snr_gamma) / (snr + 1)).to(device)
 
     images, prompts = pool(cfg.data_size, seed=cfg.seed + 7)
-    latents = cached_latents(vae, images, Path(cfg.run_dir) / "latents.safetensors")
-    rng = np.random.default_rng(cfg.seed + 3)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    latents = cached_latents(vae, images, Path(cfg.run_dir) / "latents.safetensors").to(device)
+    # every pool prompt (and the empty one, last) encoded once: no tokenizer or text encoder in the step
+    unique = sorted(set(prompts))
+    row = {p: k for k, p in enumerate(unique)}
+    prompt_rows = torch.tensor([row[p] for p in prompts], device=device)
+    embeds = torch.cat([encode_text(text_encoder, tokenizer, unique[k:k + 512]) for k in range(0, len(unique), 512)]
+                       + [encode_text(text_encoder, tokenizer, [""])])
+    rng = np.random.default_rng(cfg.seed + 3 + 7919 * acc.process_index)
+    gen = torch.Generator().manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
 
     def step(i):
-        idx = rng.integers(len(prompts), size=cfg.batch_size)
+        idx = torch.from_numpy(rng.integers(len(prompts), size=cfg.batch_size)).to(device)
         z0 = latents[idx]
-        batch_prompts = ["" if rng.random() < cfg.uncond_prob else prompts[j] for j in idx]
-        cond = encode_text(text_encoder, tokenizer, batch_prompts)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        dropped = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_prob).to(device)
+        cond = embeds[torch.where(dropped, len(unique), prompt_rows[idx])]
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
         zt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
-        pred = unet(zt, t, cond).sample
+        pred = unet_w(zt, t, cond).sample
         loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
-        optimize(opt, loss, unet.parameters())
+        optimize(opt, loss, params, accelerator=acc)
         decay = min(cfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
 
     def sample(folder: Path, at_step: int):
         ema.eval()
-        acc, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), cfg.eval_images, seed=at_step)
+        score, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), cfg.eval_images, seed=at_step)
         save_grid(list(imgs), folder / f"step-{at_step:08d}.png")  # atomic: the Train tab may be reading it
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
-            f.write(f'{{"step": {at_step}, "sample_shapeeval": {acc:.4f}}}\n')
-        print(f"step {at_step}: quick ShapeEval {acc:.3f}", flush=True)
+            f.write(f'{{"step": {at_step}, "sample_shapeeval": {score:.4f}}}\n')
+        print(f"step {at_step}: quick ShapeEval {score:.3f}", flush=True)
 
     result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step,
-                        sample_fn=sample if cfg.eval_images else None)
+                        sample_fn=sample if cfg.eval_images else None, accelerator=acc)
     result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     return result
 
 
 def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path) -> None:
     """Save the teacher as a standard StableDiffusionPipeline folder (DiffusionPipeline.from_pretrained).
-    The UNet is stored in fp16 (half the bytes in assets/); loading casts it to the run's dtype."""
-    half = copy.deepcopy(unet).to(torch.float16)
-    make_pipeline(half, vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)
+    The UNet and VAE are stored in fp16 (half the bytes in assets/); loading casts them to the run's dtype."""
+    half_unet, half_vae = copy.deepcopy(unet).to(torch.float16), copy.deepcopy(vae).to(torch.float16)
+    make_pipeline(half_unet, half_vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)

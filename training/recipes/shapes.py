@@ -49,6 +49,13 @@ def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
+def _device_name() -> str:
+    """What the stage ran on (recipe.json keeps it beside the wall time)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
 def _overrides(pairs: list[str], stage: str) -> list[str]:
     return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
 
@@ -213,6 +220,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         res = run_stage(stage, out, work, args)
         info = {k: v for k, v in res.items() if isinstance(v, (int, float, str, bool))}
+        info["device"] = _device_name()
         _record(out, stage, time.time() - t0, info)
         print(json.dumps({"stage": stage, **info}), flush=True)
         if not res.get("finished"):
