@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import first_line
-from .registry import REWARD_MODELS, TINY_DECODERS, ModelSpec, get
+from .registry import REWARD_MODELS, TINY_DECODERS, ModelSpec, component_folder, get
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 ALLOWED_PIPELINES = {
@@ -110,7 +110,7 @@ def check_folder(path: Path) -> str:
         if comp not in ALLOWED_COMPONENTS.get(lib, ()):
             raise LoadError(f"component {name!r} has class {lib}.{comp}, which is not allowed; allowed: "
                             f"{', '.join(sorted(ALLOWED_COMPONENTS['diffusers'] | ALLOWED_COMPONENTS['transformers']))}")
-        sub = path / name
+        sub = component_folder(path, name)
         if name in WEIGHTLESS or not sub.is_dir():
             continue
         tensors = sorted(sub.glob("*.safetensors"))
@@ -265,10 +265,19 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
     transformers.utils.logging.set_verbosity_error()  # e.g. "image processor falls back to PIL" notices
     cls_name = check_folder(path)
     cls = getattr(diffusers, cls_name)
-    kwargs = {name: None for name in SKIPPED_COMPONENTS if name in json.loads((path / "model_index.json").read_text())}
+    index = json.loads((path / "model_index.json").read_text())
+    kwargs = {name: None for name in SKIPPED_COMPONENTS if name in index}
     if cls_name == "StableDiffusionPipeline":
         kwargs["requires_safety_checker"] = False
     try:
+        for name, value in index.items():  # components borrowed from another folder (component_folder)
+            sub = component_folder(path, name)
+            if isinstance(value, list) and None not in value and sub != path / name and sub.is_dir():
+                import importlib
+
+                part = getattr(importlib.import_module(value[0]), value[1])
+                extra = {} if name in WEIGHTLESS else dict(dtype=dtype, use_safetensors=True)
+                kwargs[name] = part.from_pretrained(str(sub), local_files_only=True, **extra)
         return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = first_line(e, 300)
@@ -402,16 +411,23 @@ def weights_fingerprint(folder: str | Path) -> str:
     (path, size, mtime), so a rewritten checkpoint is hashed again."""
     import hashlib
 
+    from .registry import SHARED_COMPONENTS
+
     folder = Path(folder)
     h = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")
                    and p.relative_to(folder).parts[0] != "onnx" and not p.name.startswith("."))
-    for p in files:
+    roots = {p: folder for p in files}
+    for name in SHARED_COMPONENTS:  # borrowed components count as the folder's own
+        sub = component_folder(folder, name)
+        if sub != folder / name and sub.is_dir():
+            roots.update({p: sub.parent for p in sorted(sub.rglob("*")) if p.is_file()})
+    for p, root in roots.items():
         st = p.stat()
         key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
         if key not in _FINGERPRINTS:
             _FINGERPRINTS[key] = _file_digest(p, st.st_size)
-        h.update(f"{p.relative_to(folder).as_posix()}:{st.st_size}:{_FINGERPRINTS[key]};".encode())
+        h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{_FINGERPRINTS[key]};".encode())
     return h.hexdigest()[:16]
 
 

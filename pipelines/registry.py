@@ -225,13 +225,31 @@ def local_teacher(spec: ModelSpec) -> ModelSpec | None:
         return None
 
 
+# components a distilled student never changes: saved once, in its teacher's folder (see component_folder)
+SHARED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def component_folder(path: str | Path, name: str) -> Path:
+    """Where a model folder's component `name` lives: its own subfolder, or else that of the folder its
+    onestep.json names in "components_from" (relative to it) -- a student saved beside its local
+    teacher keeps its own UNet and scheduler and borrows the VAE, text encoder and tokenizer."""
+    import json
+
+    own = Path(path) / name
+    meta = Path(path) / "onestep.json"
+    if own.is_dir() or not meta.is_file():
+        return own
+    source = json.loads(meta.read_text()).get("components_from")
+    return (Path(path) / source / name).resolve() if source else own
+
+
 def _native_size(path: Path) -> int:
     """UNet sample size x VAE scale factor, read from the configs (512 when they do not say)."""
     import json
 
     try:
         unet = json.loads((path / "unet" / "config.json").read_text())
-        vae = json.loads((path / "vae" / "config.json").read_text())
+        vae = json.loads((component_folder(path, "vae") / "config.json").read_text())
         return max(64, int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1))
     except (OSError, KeyError, ValueError, TypeError):
         return 512

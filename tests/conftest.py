@@ -68,8 +68,11 @@ def shapes_student(tiny_student, tmp_path_factory):
     import json
     import shutil
 
+    from training.methods.dmd2 import share_components
+
     dst = tmp_path_factory.mktemp("shapes-student") / "student"
     shutil.copytree(tiny_student, dst)
+    share_components(dst, tiny_student / json.loads((tiny_student / "onestep.json").read_text())["components_from"])
     meta = json.loads((dst / "onestep.json").read_text())
     (dst / "onestep.json").write_text(json.dumps({**meta, "teacher": "shapes-64-teacher"}))
     return dst

@@ -135,6 +135,40 @@ def test_msd_smaller_students_with_tsm_are_routed_and_served(tmp_path, tiny_sd):
     a = generation.generate(str(out), "two blue stars", height=64, width=64)
     assert a.settings["student"] == 1 and a.images[0].size == (64, 64)
     assert registry.get(str(out)).id == str(out)
+    # the copied students borrow the teacher's components from their new place
+    for student in ("student-0", "student-1"):
+        assert not (out / student / "vae").exists()
+        assert registry.component_folder(out / student, "vae") == (tiny_sd / "vae").resolve()
+
+
+def test_student_borrows_what_it_shares_with_its_local_teacher(tiny_student, tiny_sd, copy_model):
+    """A student saved from a local teacher stores its UNet and scheduler only; loading takes the VAE,
+    text encoder and tokenizer from the teacher, and the weights fingerprint covers them."""
+    from pipelines import loading, registry
+
+    assert sorted(p.name for p in tiny_student.iterdir() if p.is_dir()) == ["scheduler", "unet"]
+    assert registry.component_folder(tiny_student, "text_encoder") == (tiny_sd / "text_encoder").resolve()
+    pipe = loading.load_pipeline(str(tiny_student), device="cpu", dtype=torch.float32, cache=False)
+    teacher = loading.load_pipeline(str(tiny_sd), device="cpu", dtype=torch.float32, cache=False)
+    for part in ("vae", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(teacher, part).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert pipe.tokenizer("a red circle").input_ids == teacher.tokenizer("a red circle").input_ids
+    assert registry._native_size(tiny_student) == registry._native_size(tiny_sd)  # read through the borrowed VAE
+
+    # a changed teacher VAE changes the student's fingerprint (an ONNX export of it goes stale)
+    teacher_copy = copy_model(tiny_sd)
+    student_copy = teacher_copy.parent / "student"
+    import shutil
+
+    from training.methods.dmd2 import share_components
+
+    shutil.copytree(tiny_student, student_copy)
+    share_components(student_copy, teacher_copy)
+    before = loading.weights_fingerprint(student_copy)
+    config = teacher_copy / "vae" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"_note": "changed",', 1))
+    assert loading.weights_fingerprint(student_copy) != before
 
 
 def test_embedding_router_splits_prompts_into_quadrants(tiny_sd):

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -372,10 +374,29 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
         pipe.save_pretrained(Path(out_dir), safe_serialization=True)
     finally:
         pipe.unet = teacher_unet
-    meta = {"role": "student", "teacher": cfg.teacher, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
+    teacher = registry.get(cfg.teacher)
+    # a teacher folder that is a registry model is recorded by its id (valid from any working directory)
+    named = next((m.id for m in registry.MODELS.values() if m.is_local and teacher.is_local
+                  and m.path.resolve() == teacher.path.resolve()), cfg.teacher)
+    meta = {"role": "student", "teacher": named, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
             "resolution": resolution, "method": "dmd2"}
     (Path(out_dir) / "onestep.json").write_text(json.dumps(meta, indent=2))
+    if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
+        share_components(out_dir, teacher.path)
     return Path(out_dir)
+
+
+def share_components(folder: str | Path, source: str | Path) -> None:
+    """Drop `folder`'s copies of the components it shares with the model folder `source` and record
+    "components_from" (relative) in its onestep.json, so loading takes them from `source`
+    (registry.component_folder). Also re-points a folder that was copied elsewhere (`source` resolved)."""
+    folder, source = Path(folder), Path(source).resolve()
+    for name in registry.SHARED_COMPONENTS:
+        if (source / name).is_dir():
+            shutil.rmtree(folder / name, ignore_errors=True)
+    meta = json.loads((folder / "onestep.json").read_text())
+    meta["components_from"] = os.path.relpath(source, folder.resolve())
+    (folder / "onestep.json").write_text(json.dumps(meta, indent=2))
 
 
 def export_checkpoint(cfg, ckpt: str | Path, out_dir: str | Path) -> Path:
