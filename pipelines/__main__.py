@@ -1,9 +1,10 @@
-"""Command line: python -m pipelines {generate,refine,evaluate,prefetch,models,export-onnx} ...
+"""Command line: python -m pipelines {generate,refine,evaluate,fd,prefetch,models,export-onnx} ...
 
     python -m pipelines generate --model shapes-64 --prompt "a red circle" --seed 1 --out outputs/a.png --json
     python -m pipelines refine --model shapes-64 --prompt "two red circles" --iterations 50 --out outputs/r.png --json
     python -m pipelines evaluate --model shapes-64-teacher --prompts assets/prompts/shapeeval.txt --json eval.json
     python -m pipelines evaluate --model shapes-64 --prompts assets/prompts/shapeeval.txt --reno --json reno.json
+    python -m pipelines fd runs/eval-student runs/eval-teacher   # two evaluate --save-images folders
     python -m pipelines prefetch stabilityai/sd-turbo
     python -m pipelines export-onnx --model shapes-64 --out DIR   # ONNX Runtime graphs, verified
 
@@ -123,6 +124,13 @@ def cmd_refine(args) -> int:
     return 0
 
 
+def cmd_fd(args) -> int:
+    from .evaluate import fd_between
+
+    print(json.dumps(fd_between(args.a, args.b, args.clip), indent=2))
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, read_prompts
 
@@ -221,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     _control_args(e, with_preprocessor=False)
     _reno_args(e)
     e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("fd", help="Fréchet distance (tiny CLIP image features) between two evaluate folders")
+    f.add_argument("a", help="a folder written by evaluate --save-images")
+    f.add_argument("b", help="another, made on the same prompts and seeds (e.g. the teacher's)")
+    f.add_argument("--clip", default=None, help="CLIPModel folder for the features (default: shapes-64's)")
+    f.set_defaults(func=cmd_fd)
 
     r = sub.add_parser("refine", help="ReNO: optimize one image's initial noise against rewards")
     r.add_argument("--model", default=DEFAULT_MODEL, help="a one-step (or few-step) student")

@@ -142,6 +142,32 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
                              "map_l1": float(np.mean([r["map_l1"] for r in records]))})
 
 
+def fd_between(folder_a: str | Path, folder_b: str | Path, clip_path: str | Path | None = None) -> dict:
+    """Fréchet distance in the tiny CLIP's image features between two `evaluate --save-images` folders
+    made on the same prompts and seeds (e.g. a student's and its teacher's): the distance to the
+    teacher's output distribution. Image pairs are matched by (prompt, image index)."""
+    from PIL import Image
+
+    from . import loading, metrics
+    from .registry import SHAPES_CLIP
+
+    def read(folder):
+        path = Path(folder) / "results.jsonl"
+        if not path.is_file():
+            raise ValueError(f"{folder} has no results.jsonl; make it with: evaluate --save-images {folder}")
+        return {(r["prompt"], r["image_index"]): Path(folder) / f"{r['prompt_index']}_{r['image_index']}.png"
+                for r in map(json.loads, path.read_text().splitlines())}
+
+    a, b = read(folder_a), read(folder_b)
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        raise ValueError(f"{folder_a} and {folder_b} share {len(keys)} (prompt, image) pairs; the Fréchet distance "
+                         "needs at least 2: evaluate both on the same prompt file and images per prompt")
+    clip = loading.load_clip(clip_path or SHAPES_CLIP, device="cpu")
+    feats = [metrics.image_features(clip, [np.asarray(Image.open(d[k]).convert("RGB")) for k in keys]) for d in (a, b)]
+    return {"fd": metrics.frechet_distance(*feats), "pairs": len(keys), "a": str(folder_a), "b": str(folder_b)}
+
+
 def _output_dir(save_images) -> Path | None:
     out_dir = Path(save_images) if save_images else None
     if out_dir:

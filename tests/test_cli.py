@@ -58,6 +58,20 @@ def test_evaluate_renderer_writes_summary_images_and_results(tmp_path):
     assert len(rows) == 6 and {"prompt", "passed", "reason"} <= set(rows[0])
 
 
+def test_fd_between_evaluate_folders_is_zero_for_the_same_images_and_grows_for_others(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue stars\na heart left of a square\na green triangle\n")
+    for name, seed in (("a", 0), ("b", 0), ("c", 50)):
+        cli("evaluate", "--model", "renderer", "--prompts", prompts, "--images-per-prompt", 3, "--seed", seed,
+            "--json", tmp_path / f"{name}.json", "--save-images", tmp_path / name)
+    same = json.loads(cli("fd", tmp_path / "a", tmp_path / "b").stdout)
+    other = json.loads(cli("fd", tmp_path / "a", tmp_path / "c").stdout)
+    assert same["pairs"] == 12 and abs(same["fd"]) < 1e-3
+    assert other["fd"] > 10 * max(abs(same["fd"]), 1e-3)
+    proc = cli("fd", tmp_path / "a", tmp_path / "missing", check=False)
+    assert proc.returncode == 2 and "results.jsonl" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_evaluate_rejects_prompts_outside_the_grammar(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na photo of a cat\n")
