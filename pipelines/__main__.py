@@ -155,10 +155,10 @@ def cmd_prefetch(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .registry import installed
+    from .registry import install_hint, installed
 
     for spec in MODELS.values():
-        state = "installed" if installed(spec) else f"missing (python -m pipelines prefetch {spec.id})"
+        state = "installed" if installed(spec) else f"missing ({install_hint(spec)})"
         print(f"{spec.id:60s} {spec.family:5s} {spec.role:8s} {state}")
     return 0
 

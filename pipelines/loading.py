@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from .errors import first_line
-from .registry import REWARD_MODELS, TINY_DECODERS, ModelSpec, component_folder, get
+from .registry import (REWARD_MODELS, SHAPES_RECIPE, TINY_DECODERS, ModelSpec, component_folder, get,
+                       install_hint)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 ALLOWED_PIPELINES = {
@@ -202,8 +203,7 @@ def model_folder(spec: ModelSpec) -> Path:
             raise LoadError(f"{path} is {kind}; give a diffusers folder with .safetensors weights "
                             "(single-file and pickle checkpoints are not loaded)")
         if not path.is_dir():
-            raise ModelNotAvailable(f"model folder {path} does not exist; the embedded models are built by: "
-                                    "python -m training.recipes.shapes --out assets/models/shapes-64")
+            raise ModelNotAvailable(f"model folder {path} does not exist; build it with: {install_hint(spec)}")
     else:
         path = hub_snapshot(spec.source)
     if spec.unet:
@@ -302,7 +302,7 @@ def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.
             _CONTROL_CACHE.move_to_end(key)
             return _CONTROL_CACHE[key]
     cfg = _weights_folder(path, source, "ControlNet", f"control model {source} does not exist" + (
-        "; the embedded ones are built by: python -m training.recipes.shapes --out assets/models/shapes-64"
+        f"; the embedded ones are built by: {SHAPES_RECIPE}"
         if "shapes-64" in str(source) else ""))
     if cfg.get("_class_name") != "ControlNetModel":
         raise LoadError(f"{source} is not a ControlNet folder (config class {cfg.get('_class_name')!r}; "

@@ -149,6 +149,20 @@ TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
 SHAPES_TINY_DECODER = f"{SHAPES_DIR}/tiny-decoder"
 
 
+SHAPES_RECIPE = f"python -m training.recipes.shapes --out {SHAPES_DIR}"
+_SHAPES_STAGES = {"shapes-64": "student", "shapes-64-teacher": "teacher", "shapes-64-4step": "student_4step",
+                  "shapes-64-msd": "msd"}
+
+
+def install_hint(spec: ModelSpec) -> str:
+    """The command that puts a missing model on this machine: the recipe stage that builds an embedded
+    model, else the hub prefetch."""
+    if spec.is_local:
+        stage = _SHAPES_STAGES.get(spec.id)
+        return f"{SHAPES_RECIPE} --stages {stage}" if stage else SHAPES_RECIPE
+    return f"python -m pipelines prefetch {spec.id}"
+
+
 def tiny_decoder_source(spec: ModelSpec) -> str | None:
     """The AutoencoderTiny a plain `--tiny-decoder` uses for a model: the shapes-64 one for models of the
     embedded world (as a path under the repo root), else the family's TAESD repo, else None."""

@@ -15,10 +15,8 @@ def models_table() -> str:
             status = "installed"
         elif spec.unet and not spec.unet[1].endswith(".safetensors"):
             status = "not loadable: published only as a pickle"
-        elif spec.is_local:
-            status = "not built: `python -m training.recipes.shapes --out assets/models/shapes-64`"
         else:
-            status = f"missing: `python -m pipelines prefetch {spec.id}`"
+            status = f"{'not built' if spec.is_local else 'missing'}: `{registry.install_hint(spec)}`"
         rows.append(f"| `{spec.id}` | {spec.family} | {spec.role} | {spec.teacher or ''} | {spec.steps} | "
                     f"~{spec.memory_gb:g} GB | {spec.licence} | {status} |")
     return "\n".join(rows)

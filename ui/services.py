@@ -71,10 +71,10 @@ def make_services(outputs: str | Path = "outputs", device: str | None = None, tr
             if model_id != registry.DEFAULT_MODEL:
                 svc.notice = (f"The embedded one-step student `{registry.DEFAULT_MODEL}` is not built yet; serving "
                               f"its multi-step teacher `{model_id}` instead. Build the student with "
-                              "`python -m training.recipes.shapes --out assets/models/shapes-64`.")
+                              f"`{registry.install_hint(registry.MODELS[registry.DEFAULT_MODEL])}`.")
             return svc
     svc.notice = ("No embedded model is installed (assets/models/shapes-64 is missing). Build it with "
-                  "`python -m training.recipes.shapes --out assets/models/shapes-64`, or pick a hub model "
+                  f"`{registry.SHAPES_RECIPE}`, or pick a hub model "
                   "and fetch it with `python -m pipelines prefetch <id>`.")
     return svc
 
