@@ -122,15 +122,36 @@ def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
     vae.export(v["model"], tmp_path / "vae")
     cfg = TeacherConfig(run_dir=str(tmp_path / "run"), clip_dir=str(tmp_path / "clip"), vae_dir=str(tmp_path / "vae"),
                         steps=2, batch_size=4, block_out_channels=(16, 32, 32), data_size=16, save_every=2,
-                        log_every=1, warmup=1, eval_images=8)
+                        log_every=1, warmup=1, eval_images=8, snr_shift=16.0)
     res = _train_twice(teacher.train, cfg, tmp_path / "run")
     assert (tmp_path / "run" / "samples" / "step-00000004.png").is_file()
-    teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], tmp_path / "teacher")
+    teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], tmp_path / "teacher",
+                   res["snr_shift"])
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "teacher")
     out = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert out.shape == (1, 64, 64, 3)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert pipe.scheduler.config.rescale_betas_zero_snr
+    shifted = teacher.sampling_scheduler(16.0).alphas_cumprod
+    assert torch.allclose(pipe.scheduler.alphas_cumprod, shifted, atol=1e-6)  # the schedule it trained on
+
+
+def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_saving(tmp_path):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from training.methods import teacher
+
+    def snr(sched):
+        ac = sched.alphas_cumprod.double()
+        return ac / (1 - ac)
+
+    base, shifted = DDPMScheduler(**teacher.schedule()), DDPMScheduler(**teacher.schedule(16.0))
+    ratio = snr(shifted)[:-1] / snr(base)[:-1]
+    assert torch.allclose(ratio, torch.full_like(ratio, 16.0), rtol=1e-3)
+    assert float(shifted.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-9)  # still zero terminal SNR
+    teacher.sampling_scheduler(16.0).save_pretrained(tmp_path / "scheduler")
+    loaded = DDIMScheduler.from_pretrained(tmp_path / "scheduler")
+    assert torch.allclose(loaded.alphas_cumprod, shifted.alphas_cumprod, atol=1e-6)
+    assert teacher.schedule() == teacher.SCHEDULE  # no shift: the stored schedule stays the plain one
 
 
 def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):

@@ -96,7 +96,7 @@ def _export_teacher(cfg, run_dir: Path, out: Path) -> Path:
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True, dtype=torch.float32)
     unet = teacher.build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
     unet.load_state_dict(loading.load_state_dict(ckpt / "model-ema.safetensors"))  # the EMA is what ships
-    teacher.export(unet, vae, text_encoder, CLIPTokenizer.from_pretrained(cfg.clip_dir), out)
+    teacher.export(unet, vae, text_encoder, CLIPTokenizer.from_pretrained(cfg.clip_dir), out, cfg.snr_shift)
     return out
 
 

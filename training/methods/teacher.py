@@ -53,13 +53,28 @@ def build_unet(cfg, cross_attention_dim: int, latent_channels: int) -> UNet2DCon
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=16)
 
 
-def sampling_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(**SCHEDULE, set_alpha_to_one=True)
+def schedule(snr_shift: float = 1.0) -> dict:
+    """The scheduler settings; `snr_shift` s != 1 multiplies every timestep's SNR by s (adds log s to
+    log-SNR, as Hoogeboom et al., 2023, "simple diffusion", shift schedules between resolutions), kept
+    as the schedule's `trained_betas` so any diffusers scheduler and the students read the same one.
+    SD's schedule is made for 64x64 latents; on 16x16 ones the same SNR leaves far less of the image
+    (two thirds of its timesteps have SNR < 1), and s = (64/16)^2 = 16 gives back the detail steps."""
+    if snr_shift == 1.0:
+        return dict(SCHEDULE)
+    ac = DDPMScheduler(**SCHEDULE).alphas_cumprod.double()
+    shifted = snr_shift * ac / (1 - ac).clamp_min(1e-20)
+    ac_new = shifted / (1 + shifted)  # the zero terminal SNR stays zero
+    betas = 1 - ac_new / torch.cat([torch.ones(1, dtype=ac_new.dtype), ac_new[:-1]])
+    return {**SCHEDULE, "trained_betas": betas.clamp(0, 1).tolist(), "rescale_betas_zero_snr": False}
 
 
-def make_pipeline(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+def sampling_scheduler(snr_shift: float = 1.0) -> DDIMScheduler:
+    return DDIMScheduler(**schedule(snr_shift), set_alpha_to_one=True)
+
+
+def make_pipeline(unet, vae, text_encoder, tokenizer, snr_shift: float = 1.0) -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sampling_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=sampling_scheduler(snr_shift), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -124,7 +139,7 @@ def train(cfg) -> dict:
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     unet_w, opt = acc.prepare(unet, opt)
-    noise_sched = DDPMScheduler(**{**SCHEDULE, "num_train_timesteps": cfg.num_train_timesteps})
+    noise_sched = DDPMScheduler(**{**schedule(cfg.snr_shift), "num_train_timesteps": cfg.num_train_timesteps})
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas).clamp_min(1e-8)
     weight = (snr.clamp(min=1.0, max=cfg.snr_gamma) / (snr + 1)).to(device)
@@ -160,7 +175,8 @@ def train(cfg) -> dict:
 
     def sample(folder: Path, at_step: int):
         ema.eval()
-        score, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer), cfg.eval_images, seed=at_step)
+        score, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer, cfg.snr_shift), cfg.eval_images,
+                                 seed=at_step)
         save_grid(list(imgs), folder / f"step-{at_step:08d}.png")  # atomic: the Train tab may be reading it
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
             f.write(f'{{"step": {at_step}, "sample_shapeeval": {score:.4f}}}\n')
@@ -168,12 +184,13 @@ def train(cfg) -> dict:
 
     result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step,
                         sample_fn=sample if cfg.eval_images else None, accelerator=acc)
-    result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, snr_shift=cfg.snr_shift)
     return result
 
 
-def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path) -> None:
+def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path, snr_shift: float = 1.0) -> None:
     """Save the teacher as a standard StableDiffusionPipeline folder (DiffusionPipeline.from_pretrained).
     The UNet and VAE are stored in fp16 (half the bytes in assets/); loading casts them to the run's dtype."""
     half_unet, half_vae = copy.deepcopy(unet).to(torch.float16), copy.deepcopy(vae).to(torch.float16)
-    make_pipeline(half_unet, half_vae, text_encoder, tokenizer).save_pretrained(Path(out_dir), safe_serialization=True)
+    make_pipeline(half_unet, half_vae, text_encoder, tokenizer, snr_shift).save_pretrained(Path(out_dir),
+                                                                                        safe_serialization=True)

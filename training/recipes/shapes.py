@@ -124,7 +124,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
                              _overrides(args.set, stage))
         res = teacher.train(cfg)
         if res["finished"] or args.export_partial:
-            teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher")
+            teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher",
+                           res["snr_shift"])
         return res
     if stage in ("student", "student_4step"):
         from training.config import Dmd2Config
