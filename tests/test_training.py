@@ -1,5 +1,6 @@
 """Training layer: configs, atomic checkpoints, and a few real steps of each method with resume."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,26 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 3
     with pytest.raises(SystemExit):
         recipe.main(args + ["--stages", "nope"])
+
+
+def test_teacher_probe_runs_variants_side_by_side_and_rejects_bad_ones(tmp_path):
+    import subprocess
+    import sys
+
+    from training.recipes import probe
+
+    small = "data_size=16,batch_size=4,warmup=1,log_every=1"
+    cmd = [sys.executable, "-m", "training.recipes.probe", "--out", "assets/models/shapes-64", "--work",
+           str(tmp_path), "--seconds", "2", "--prompts", "2", "--threads", "1",
+           "--variant", f"base:{small}", "--variant", f"warm16:{small},snr_shift=16,init=teacher"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "probe.json").read_text())
+    assert [r["variant"] for r in rows] == ["base", "warm16"]
+    for r in rows:
+        assert r["steps"] >= 1 and 0 <= r["shapeeval"] <= 1 and 0 <= r["sdedit_0.3"] <= 1
+    assert rows[1]["settings"]["snr_shift"] == 16 and "init_unet" in rows[1]["settings"]
+    with pytest.raises(ValueError, match="bad variant setting"):
+        probe.parse_variant("x:not_a_key=1")
+    with pytest.raises(ValueError, match="only warm start"):
+        probe.parse_variant("x:init=elsewhere")

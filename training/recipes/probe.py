@@ -1,0 +1,120 @@
+"""Teacher probes: train variants of the shapes-64 teacher for the same wall time, side by side, and
+measure what each learned -- to choose a recipe before spending a long run on it.
+
+    python -m training.recipes.probe --out assets/models/shapes-64 --seconds 150 \\
+        --variant base --variant shift16:snr_shift=16 --variant warm16:snr_shift=16,init=teacher
+
+A variant is NAME[:key=value,...] with TeacherConfig keys (`init=teacher` warm-starts from OUT/teacher's
+UNet). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
+WORK/probe-NAME, each from its first step. Each reports its steps, final loss and two ShapeEval pass
+rates on the same fixed prompts and seeds:
+
+- `shapeeval`: samples at the teacher's default 25 steps and CFG 5;
+- `sdedit_0.3`: real renders noised to 30% of the schedule and denoised (img2img strength 0.3), which
+  asks only for the detail steps: it shows whether a model restores shapes it is nearly given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from training.config import TeacherConfig, field_names, parse_value
+from training.data import cache_dir
+
+DEFAULTS = dict(batch_size=128, eval_images=0, save_every=10 ** 9, steps=10 ** 9, warmup=200, log_every=100)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'shift16:snr_shift=16,init=teacher' -> ('shift16', {'snr_shift': 16, 'init': 'teacher'})."""
+    name, _, rest = text.partition(":")
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"variant name {name!r}: use letters, digits, '-' and '_'")
+    allowed = set(field_names(TeacherConfig)) | {"init"}
+    changes = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in allowed:
+            raise ValueError(f"bad variant setting {pair!r}: expected key=value with key one of {sorted(allowed)}")
+        changes[key] = parse_value(raw)
+    if changes.get("init", "teacher") != "teacher":
+        raise ValueError(f"init={changes['init']!r}: the only warm start offered is init=teacher")
+    return name, changes
+
+
+def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, threads: int, prompts: int) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from shapes import judge, render, sample_spec, to_prompt
+    from training.methods import teacher
+
+    changes = dict(changes)
+    if changes.pop("init", None):
+        changes["init_unet"] = str(out / "teacher" / "unet")
+    cfg = TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), run_dir=str(work / f"probe-{name}"),
+                        max_seconds=seconds, threads=threads, **{**DEFAULTS, **changes})
+    res = teacher.train(cfg)
+    pipe = teacher.make_pipeline(res["unet"].eval(), res["vae"], res["text_encoder"], res["tokenizer"], cfg.snr_shift)
+    rng = np.random.default_rng(123)
+    specs = [sample_spec(rng) for _ in range(prompts)]
+    texts = [to_prompt(s) for s in specs]
+
+    def passed(images) -> float:
+        images = (np.asarray(images) * 255).round().astype(np.uint8)
+        return float(np.mean([judge(s, im)[0] for s, im in zip(specs, images)]))
+
+    common = dict(num_inference_steps=25, guidance_scale=5.0, guidance_rescale=0.7, output_type="np")
+    with torch.no_grad():
+        samples = pipe(texts, height=64, width=64, generator=torch.Generator().manual_seed(0), **common).images
+        i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        real = [Image.fromarray(render(s, k)) for k, s in enumerate(specs)]
+        restored = i2i(texts, image=real, strength=0.3, generator=torch.Generator().manual_seed(0), **common).images
+    return {"variant": name, "settings": changes, "steps": res["step"] - cfg.init_step, "seconds": seconds,
+            "loss": round(float(res.get("loss", float("nan"))), 5), "shapeeval": passed(samples),
+            "sdedit_0.3": passed(restored)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="the shapes-64 folder (its clip/, vae/ and teacher/ are read)")
+    ap.add_argument("--work", default=str(cache_dir() / "shapes"), help="probe run folders go here")
+    ap.add_argument("--variant", action="append", default=[], help="NAME[:key=value,...]; repeat for each")
+    ap.add_argument("--seconds", type=float, default=150.0, help="training wall time of every variant")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts (one image each) for both measures")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this variant here
+    args = ap.parse_args(argv)
+    out, work = Path(args.out), Path(args.work).expanduser()
+    try:
+        variants = [parse_variant(v) for v in args.variant or ["base"]]
+    except ValueError as e:
+        ap.error(str(e))
+    if len({n for n, _ in variants}) != len(variants):
+        ap.error("variant names must differ")
+    if args.one is not None:
+        name, changes = next(v for v in variants if v[0] == args.one)
+        print(json.dumps(run_one(name, changes, out, work, args.seconds, args.threads, args.prompts)), flush=True)
+        return 0
+    base = [sys.executable, "-m", "training.recipes.probe", "--out", str(out), "--work", str(work),
+            "--seconds", str(args.seconds), "--threads", str(args.threads), "--prompts", str(args.prompts),
+            *[a for v in args.variant for a in ("--variant", v)]]
+    procs = [subprocess.Popen([*base, "--one", name], stdout=subprocess.PIPE, text=True) for name, _ in variants]
+    results = []
+    for (name, _), proc in zip(variants, procs):
+        lines = [line for line in proc.communicate()[0].splitlines() if line.startswith('{"variant"')]
+        results.append(json.loads(lines[-1]) if proc.returncode == 0 and lines else
+                       {"variant": name, "error": f"exit code {proc.returncode}"})
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "probe.json").write_text(json.dumps(results, indent=2))
+    for r in results:
+        print(json.dumps(r))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
