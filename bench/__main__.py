@@ -138,6 +138,8 @@ def bench_student(student: str, batches: list[int], seconds: float, repeats: int
         "torch_cached": lambda n: onestep.generate(cached, spec, PROMPT, batch_size=n),
         "onnx": lambda n: onnx_engine.generate(engine, spec, PROMPT, batch_size=n),
     }
+    if "tiny_decoder" in engine.sessions:  # the fastest configuration: ONNX with the tiny decoder graph
+        engines["onnx_tiny"] = lambda n: onnx_engine.generate(engine, spec, PROMPT, batch_size=n, tiny_decoder=True)
     rows = []
     for b in batches:
         row = {"batch": b}
@@ -158,6 +160,8 @@ def bench_student(student: str, batches: list[int], seconds: float, repeats: int
 
 
 def bench_teacher(student: str, batches: list[int], seconds: float, repeats: int, student_res: dict) -> dict:
+    from pipelines import speed
+
     spec = registry.get(student)
     if not spec.teacher:
         raise ValueError(f"{student} has no teacher to compare with")
@@ -170,6 +174,12 @@ def bench_teacher(student: str, batches: list[int], seconds: float, repeats: int
                     warmup=i == 0)
         srow = next((r for r in student_res.get("rows", []) if r["batch"] == b), None)
         row = {"batch": b, "teacher": t}
+        if srow and "onnx_tiny" in srow:  # the same decoder on both sides: the teacher with the tiny decoder too
+            tiny = speed.pipeline(spec.teacher, speed.TorchOptions(tiny_decoder=True))
+            row["teacher_tiny"] = measure(lambda n: teacher.sample(tiny, tspec, PROMPT, batch_size=n), b, seconds,
+                                          max(1, repeats // 10), warmup=i == 0)
+            row["speedup_tiny"] = srow["onnx_tiny"]["images_per_s"] / row["teacher_tiny"]["images_per_s"]
+            row["speedup_tiny_over_nfe_ratio"] = row["speedup_tiny"] / (nfe_t / nfe_s)
         if srow:
             best = max(("eager", "torch_cached", "onnx"), key=lambda k: srow[k]["images_per_s"])
             row.update(fastest_student=best, speedup=srow[best]["images_per_s"] / t["images_per_s"],
@@ -216,6 +226,9 @@ def bench_control(student: str, seconds: float, repeats: int, workdir: Path) -> 
         source, kind = control.resolve(spec, "canny", "auto")
         if not Path(source).is_dir():
             raise ValueError(f"{source} is not installed")
+        made_for = loading.load_controlnet(source, device="cpu").config.in_channels
+        if made_for != loading.load_pipeline(student).unet.config.in_channels:
+            raise ValueError(f"{source} takes {made_for}-channel latents, not the student's")
         label = f"{kind} {source}"
     except ValueError as e:  # no trained adapter here: the same architecture, from the student's UNet
         from training.methods.controlnet import new_controlnet

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-ENGINES = (("eager", "eager PyTorch"), ("torch_cached", "PyTorch + caches"), ("onnx", "ONNX Runtime"))
+ENGINES = (("eager", "eager PyTorch"), ("torch_cached", "PyTorch + caches"), ("onnx", "ONNX Runtime"),
+           ("onnx_tiny", "ONNX + tiny decoder"))
 
 
 def _f(x, digits: int = 1) -> str:
@@ -46,10 +47,10 @@ def render(res: dict) -> str:
         nfe = f" (NFE ratio {te['nfe_ratio']:g})" if not _missing(te) else ""
         lines += [f"| batch | {' | '.join(n + ' img/s' for _, n in ENGINES)} | ORT / eager | {tname} img/s | "
                   f"fastest student / teacher | speedup / NFE ratio{nfe} |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in st["rows"]:
             t = t_rows.get(r["batch"], {})
-            lines.append(f"| {r['batch']} | " + " | ".join(_f(r[k]["images_per_s"]) for k, _ in ENGINES)
+            lines.append(f"| {r['batch']} | " + " | ".join(_f(r.get(k, {}).get("images_per_s")) for k, _ in ENGINES)
                          + f" | {r['onnx_vs_eager']:.2f}x | {_f(t.get('teacher', {}).get('images_per_s'), 2)} | "
                          f"{_f(t.get('speedup'))}x | {_f(t.get('speedup_over_nfe_ratio'), 2)} |")
         if _missing(te):
@@ -65,7 +66,7 @@ def _other_rows(res: dict):
     if not _missing(st):
         r1 = st["rows"][0]
         stages = " · ".join(f"{n} {r1[k]['stages_ms']['text_encoding']:.1f} / {r1[k]['stages_ms']['denoising']:.1f} / "
-                            f"{r1[k]['stages_ms']['decoding']:.1f}" for k, n in ENGINES if "stages_ms" in r1[k])
+                            f"{r1[k]['stages_ms']['decoding']:.1f}" for k, n in ENGINES if "stages_ms" in r1.get(k, {}))
         yield f"stages at batch {r1['batch']}, ms (text / denoise / decode)", stages
         if st.get("bf16_batch1"):
             b = st["bf16_batch1"]
@@ -77,6 +78,10 @@ def _other_rows(res: dict):
         d = [f"batch {r['batch']}: {r['denoising_speedup_eager']:.0f}x" for r in te["rows"] if "denoising_speedup_eager" in r]
         if d:
             yield f"denoising only, eager student vs teacher (NFE ratio {te['nfe_ratio']:g})", ", ".join(d)
+        t = [f"batch {r['batch']}: {r['speedup_tiny']:.1f}x = {r['speedup_tiny_over_nfe_ratio']:.2f} of the NFE ratio"
+             for r in te["rows"] if "speedup_tiny" in r]
+        if t:
+            yield "ONNX + tiny decoder student vs teacher + tiny decoder (same decoder both sides)", ", ".join(t)
         c = [f"batch {r['batch']}: {r['speedup_over_call_ratio']:.2f}" for r in te["rows"] if "speedup_over_call_ratio" in r]
         if c:
             yield (f"end-to-end speedup / ratio of UNet calls ({te['unet_call_ratio']:g}: CFG runs both prompts in one "

@@ -34,7 +34,8 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
 
     `engine` (None: $ONESTEP_ENGINE, else "auto"): a student runs on its ONNX Runtime export when
     one is present ("auto"; any problem with it falls back to PyTorch and says why in `res.notice`),
-    always on PyTorch ("torch", with `torch_options`: a speed.TorchOptions), or only on ONNX ("onnx":
+    always on PyTorch ("torch", with `torch_options`: a speed.TorchOptions, whose tiny_decoder=True also picks
+    the ONNX export's tiny decoder graph), or only on ONNX ("onnx":
     exported into the cache first if missing; errors are raised). Teachers always run on PyTorch."""
     onestep.check_negative(negative_mode, nasa_alpha)
     engine = check_engine(engine)
@@ -48,17 +49,22 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
                              device=device, noise=noise, negative_mode=negative_mode, nasa_alpha=nasa_alpha,
                              engine=engine, torch_options=torch_options, prompt_cache=prompt_cache)
     notice = ""
+    tiny = torch_options.tiny_decoder if torch_options is not None else False
     # a given noise is usually a ReNO export, optimized through PyTorch: "auto" replays it there, bit for bit
     if spec.role != "teacher" and engine != "torch" and not (noise is not None and engine == "auto"):
         if control_image is not None:
             if engine == "onnx":
                 raise ValueError("control images run on the PyTorch engine only (the ONNX export has no ControlNet "
                                  "graphs); use engine auto or torch")
+        elif isinstance(tiny, str):  # a tiny decoder folder of the user's: the export holds only the model's own
+            if engine == "onnx":
+                raise ValueError("a tiny decoder folder runs on the PyTorch engine only; use engine auto or torch, "
+                                 "or the model's own tiny decoder (true)")
         else:
             res, notice = _generate_onnx(spec, engine, prompt, dict(
                 negative_prompt=negative_prompt, steps=steps, seed=seed, batch_size=batch_size, height=height,
                 width=width, noise=noise, guidance_scale=student_guidance,
-                negative_mode=negative_mode, nasa_alpha=nasa_alpha, prompt_cache=prompt_cache))
+                negative_mode=negative_mode, nasa_alpha=nasa_alpha, prompt_cache=prompt_cache, tiny_decoder=tiny))
             if res is not None:
                 return res
     elif engine == "onnx":
@@ -85,6 +91,7 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
         res.settings["control"] = ctl_settings
     res.notice = notice
     res.info.setdefault("engine", "torch")
+    res.info.setdefault("decoder", "tiny" if tiny else "vae")
     return res
 
 
@@ -113,7 +120,7 @@ def _generate_onnx(spec, engine: str, prompt: str, kwargs: dict):
                 raise loading.LoadError(notice or f"no ONNX export of {spec.id}")
             return None, notice
         why = eng.unsupported(spec, kwargs["negative_prompt"], kwargs["negative_mode"], kwargs["nasa_alpha"],
-                              kwargs["height"], kwargs["width"])
+                              kwargs["height"], kwargs["width"], kwargs["tiny_decoder"])
         if why:
             if engine == "onnx":
                 raise ValueError(why)
@@ -132,6 +139,9 @@ def _control(spec, pipe, image, preprocessor, kind, scale, settings, batch, heig
     source, kind = control.resolve(spec, preprocessor, kind)
     device, dtype = onestep.placement(pipe.unet)
     model = loading.load_controlnet(source, device=str(device), dtype=dtype)
+    if model.config.in_channels != pipe.unet.config.in_channels:
+        raise ValueError(f"control model {source} takes {model.config.in_channels}-channel latents; {spec.id} makes "
+                         f"{pipe.unet.config.in_channels}-channel ones: pick a control model made for it")
     ctl = control.Control(model, control.map_tensor(control_map, batch, device, dtype), scale)
     return ctl, {"preprocessor": preprocessor, "model": source, "kind": kind, "scale": scale, **settings}
 

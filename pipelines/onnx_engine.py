@@ -2,7 +2,7 @@
 
 The fastest published one-step stacks (StreamDiffusion, ONNX Runtime / TensorRT for SD-Turbo) win by
 removing per-operation framework overhead. The graphs come from `onnx_export.py` (text encoder, UNet
-returning the clean latent, a NASA UNet, VAE decoder); `generate` here is `onestep.generate` on them:
+returning the clean latent, a NASA UNet, VAE decoder, the tiny decoder when there is one); `generate` here is `onestep.generate` on them:
 same arguments, checks, seeded noise (and re-noising of few-step students), settings and timings, so
 an image matches PyTorch within one 8-bit level. The CFG-style negative mode runs `unet` twice and
 extrapolates x0 outside the graph. CUDA execution provider when onnxruntime-gpu and a GPU are there,
@@ -89,16 +89,27 @@ def _find(spec: ModelSpec) -> tuple[Path | None, str]:
         current = _fingerprint(spec)
     except loading.LoadError:
         return None, ""
-    candidates.append(cache_folder(spec, current))
+    cached = cache_folder(spec, current)
+    candidates.append(cached)
     for folder in candidates:
         if not (folder / loading.ONNX_MANIFEST).is_file():
             continue
         manifest = loading.read_onnx_manifest(folder)
-        if manifest.get("source_fingerprint") != current:
+        if folder == cached and "tiny_decoder" not in {**manifest, **manifest.get("not_exported", {})}:
+            return None, ""  # cached before exports considered a tiny decoder graph: build it again
+        tiny = manifest.get("tiny_decoder")
+        if manifest.get("source_fingerprint") != current or (tiny and _tiny_fingerprint(tiny["source"]) != tiny["fingerprint"]):
             return None, (f"the ONNX export in {folder} was made from other weights than {spec.id}'s; "
                           f"re-export with: python -m pipelines export-onnx --model {spec.id} --out {folder}")
         return folder, ""
     return None, ""
+
+
+def _tiny_fingerprint(source: str) -> str | None:
+    try:
+        return loading.weights_fingerprint(loading.local_folder(source))
+    except (ValueError, OSError):
+        return None  # gone: the export's tiny decoder no longer matches anything here
 
 
 _BUILDS: dict[str, threading.Thread] = {}
@@ -165,8 +176,11 @@ class Engine:
         return feeds, ("miss" if use_cache else "off")
 
     def unsupported(self, spec: ModelSpec, negative_prompt: str, negative_mode: str, nasa_alpha, height=None,
-                    width=None) -> str:
+                    width=None, tiny_decoder: bool = False) -> str:
         """Why this export cannot serve a request ("" when it can)."""
+        if tiny_decoder and "tiny_decoder" not in self.sessions:
+            why = self.manifest.get("not_exported", {}).get("tiny_decoder", "exported before it had one")
+            return f"this ONNX export has no tiny decoder graph ({why})"
         alpha = spec.nasa_alpha if nasa_alpha is None else nasa_alpha
         multiple = int(self.manifest.get("size_multiple", 1))
         h, w = height or spec.resolution, width or spec.resolution
@@ -213,8 +227,9 @@ class Engine:
                 x = (abar.sqrt() * torch.from_numpy(x0) + (1 - abar).sqrt() * eps).numpy()
         return x0
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self.run("vae_decoder", {"latents": np.ascontiguousarray(latents, np.float32)})[0]
+    def decode(self, latents: np.ndarray, tiny: bool = False) -> np.ndarray:
+        graph = "tiny_decoder" if tiny else "vae_decoder"
+        return self.run(graph, {"latents": np.ascontiguousarray(latents, np.float32)})[0]
 
 
 def _repeat(cond: dict, n: int) -> dict:
@@ -268,15 +283,16 @@ def generate(engine: Engine, spec: ModelSpec, prompt: str, *, negative_prompt: s
              steps: int | None = None, seed: int = 0, batch_size: int = 1, height: int | None = None,
              width: int | None = None, timesteps=None, noise: torch.Tensor | None = None,
              prediction_type: str | None = None, negative_mode: str = "nasa", nasa_alpha: float | None = None,
-             prompt_cache: bool = True) -> onestep.GenerationResult:
-    """`onestep.generate` on ONNX Runtime: same arguments, checks, noise, settings and timings."""
+             prompt_cache: bool = True, tiny_decoder: bool = False) -> onestep.GenerationResult:
+    """`onestep.generate` on ONNX Runtime: same arguments, checks, noise, settings and timings;
+    `tiny_decoder` decodes with the export's AutoencoderTiny graph."""
     m = engine.manifest
     steps, height, width, nasa_alpha = onestep.resolve_request(spec, prompt, negative_prompt, steps, seed, batch_size,
                                                                height, width, negative_mode, nasa_alpha)
     if prediction_type not in (None, m["prediction_type"]):
         raise ValueError(f"the ONNX graphs predict {m['prediction_type']}; prediction type {prediction_type!r} "
                          "needs the PyTorch engine")
-    why = engine.unsupported(spec, negative_prompt, negative_mode, nasa_alpha, height, width)
+    why = engine.unsupported(spec, negative_prompt, negative_mode, nasa_alpha, height, width, tiny_decoder)
     if why:
         raise ValueError(f"{why}; use the PyTorch engine")
     seeds = [(seed + i) % (onestep.MAX_SEED + 1) for i in range(batch_size)]
@@ -293,13 +309,14 @@ def generate(engine: Engine, spec: ModelSpec, prompt: str, *, negative_prompt: s
     gen = torch.Generator().manual_seed(seeds[0] + 1)
     latents = engine.denoise(cond, noise.detach().cpu(), ts, gen, negative, guidance_scale, negative_mode, nasa_alpha)
     t2 = time.perf_counter()
-    images = engine.decode(latents)
+    images = engine.decode(latents, tiny_decoder)
     t3 = time.perf_counter()
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
     settings = onestep.request_settings(spec, prompt, negative_prompt, steps, seed, batch_size, height, width, ts,
                                         negative_mode, nasa_alpha, guidance_scale)
     return onestep.GenerationResult(onestep.to_pil(torch.from_numpy(images)), timings, settings,
-                                    {"engine": "onnx", "prompt_cache": cache_state})
+                                    {"engine": "onnx", "prompt_cache": cache_state,
+                                     "decoder": "tiny" if tiny_decoder else "vae"})
 
 
 def clear() -> None:

@@ -117,8 +117,12 @@ def check_exportable(spec: ModelSpec) -> None:
 
 
 def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_graph: bool = True,
-           progress=None) -> dict:
+           tiny_decoder: bool = True, progress=None) -> dict:
     """Export, verify against PyTorch and write an ONNX folder for a student; returns its manifest.
+
+    `tiny_decoder`: also export the model's AutoencoderTiny decoder (registry.tiny_decoder_source) as
+    the `tiny_decoder` graph when it is on this machine; its weights hash is recorded beside the
+    student's, so a retrained tiny decoder makes the export stale too.
 
     The folder is written beside `out` and renamed into place when complete, so a crash never leaves a
     half export where the engine would find it. Raises ValueError (one line) when the model cannot be
@@ -143,6 +147,9 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
     try:
         inputs = _sample_inputs(pipe, spec, timesteps)
         graphs = _graphs(pipe, pipe.scheduler.config.prediction_type, sdxl, nasa_graph, inputs)
+        tiny, tiny_note = _tiny_decoder(spec, pipe, device) if tiny_decoder else (None, "not asked for")
+        if tiny is not None:
+            graphs["tiny_decoder"] = (_Decoder(tiny["vae"]), *graphs["vae_decoder"][1:])
         for name, (module, args, in_names, out_names, dyn) in graphs.items():
             say(f"exporting {name}")
             _export_one(module, args, tmp / f"{name}.onnx", in_names, out_names, dyn)
@@ -156,7 +163,9 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
             "source_fingerprint": fingerprint, **_describe(pipe, spec, timesteps), "tokenizers": tokenizers,
             "graphs": {name: {**file_entry(tmp / f"{name}.onnx"), "inputs": g[2], "outputs": g[3]}
                        for name, g in graphs.items()},
-            "verification": report, "not_exported": {**NOT_EXPORTED, **({} if nasa_graph else {"unet_nasa": "--no-nasa"})},
+            "verification": report, "not_exported": {**NOT_EXPORTED, **({} if nasa_graph else {"unet_nasa": "--no-nasa"}),
+                                                     **({} if tiny else {"tiny_decoder": tiny_note})},
+            **({"tiny_decoder": {k: tiny[k] for k in ("source", "fingerprint")}} if tiny else {}),
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         (tmp / "export-report.json").write_text(json.dumps(
@@ -167,6 +176,19 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _tiny_decoder(spec: ModelSpec, pipe, device) -> tuple[dict | None, str]:
+    """({"vae", "source", "fingerprint"}, "") for the model's tiny decoder, or (None, why not)."""
+    from . import speed
+
+    source = registry.tiny_decoder_source(spec)
+    try:
+        vae = speed.tiny_decoder(spec, pipe, True, device, pipe.unet.dtype).eval().requires_grad_(False)
+        folder = loading.local_folder(source)
+    except (ValueError, OSError) as e:
+        return None, first_line(e, 200)
+    return {"vae": vae, "source": str(source), "fingerprint": loading.weights_fingerprint(folder)}, ""
 
 
 def _check_out(out: Path) -> Path:

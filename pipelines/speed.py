@@ -75,7 +75,7 @@ def pipeline(model_id: str, options: TorchOptions | None = None, device: str | N
     variant = copy.copy(pipe)  # a new pipeline object whose component attributes we may rebind
     spec = registry.get(model_id)
     if options.tiny_decoder:
-        variant.vae = _tiny_decoder(spec, pipe, options.tiny_decoder, device, dtype)
+        variant.vae = tiny_decoder(spec, pipe, options.tiny_decoder, device, dtype)
         if options.channels_last:
             variant.vae.to(memory_format=torch.channels_last)
     if options.compile:
@@ -87,7 +87,9 @@ def pipeline(model_id: str, options: TorchOptions | None = None, device: str | N
     return variant
 
 
-def _tiny_decoder(spec, pipe, source, device, dtype):
+def tiny_decoder(spec, pipe, source, device, dtype):
+    """The AutoencoderTiny for `spec` (`source` True: the model's own or its family's; else a folder),
+    checked against the pipeline's latents."""
     if source is True:
         source = registry.tiny_decoder_source(spec)
         # TAESD and TAESDXL decode 4-channel latents: say so before asking to fetch them

@@ -122,6 +122,10 @@ def test_saved_controlnet_loads_and_drives_generation(student_pipe, tiny_student
     assert main(["generate", "--model", str(tiny_student), "--prompt", "a red circle", "--control-image",
                  str(layout)]) == 2
     assert "ControlNet" in capsys.readouterr().err
+    # a ControlNet made for other latents (the embedded teacher's: 8 channels) is refused in one line
+    assert main(["generate", "--model", str(tiny_student), "--prompt", "a red circle", "--control-image", str(layout),
+                 "--control-model", "assets/models/shapes-64/controlnet-canny"]) == 2
+    assert "8-channel latents" in capsys.readouterr().err
 
 
 def test_controlnet_folder_checks(student_pipe, tmp_path):

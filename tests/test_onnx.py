@@ -4,6 +4,7 @@ Stated tolerance of the ONNX engine against PyTorch on the same inputs: clean la
 (absolute; the latents are O(1)) and 8-bit images within 1 level per channel (a float difference of
 ~1e-6 can round a value to the neighbouring level, never further)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -272,6 +273,43 @@ def test_tiny_decoder_from_a_local_folder(tiny_student, tmp_path):
     with pytest.raises(loading.LoadError, match="does not exist"):
         generation.generate(str(tiny_student), "a cat", engine="torch",
                             torch_options=speed.TorchOptions(tiny_decoder=str(tmp_path / "missing")))
+
+
+def test_tiny_decoder_graph_matches_pytorch_and_goes_stale_with_its_weights(tiny_student, tmp_path, monkeypatch):
+    from diffusers import AutoencoderTiny
+
+    from training.methods.dmd2 import share_components
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd")
+    monkeypatch.setattr(registry, "tiny_decoder_source", lambda spec: str(tmp_path / "taesd"))
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student, student)
+    share_components(student, tiny_student / json.loads((tiny_student / "onestep.json").read_text())["components_from"])
+    manifest = onnx_engine.export(str(student), student / "onnx")
+    assert "tiny_decoder" in manifest["graphs"] and manifest["tiny_decoder"]["source"] == str(tmp_path / "taesd")
+    tiny = speed.TorchOptions(tiny_decoder=True)
+    got = generation.generate(str(student), "a red circle", seed=4, engine="onnx", torch_options=tiny)
+    ref = generation.generate(str(student), "a red circle", seed=4, engine="torch", torch_options=tiny)
+    vae = generation.generate(str(student), "a red circle", seed=4, engine="onnx")
+    assert got.info == {**got.info, "engine": "onnx", "decoder": "tiny"} and ref.info["decoder"] == "tiny"
+    assert np.abs(pixels(got.images) - pixels(ref.images)).max() <= 1
+    assert np.abs(pixels(got.images) - pixels(vae.images)).max() > 10 and vae.info["decoder"] == "vae"
+    # retraining the tiny decoder makes the export stale: it is not used, and the notice says why
+    config = tmp_path / "taesd" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"_note": "retrained",', 1))
+    onnx_engine._FOUND.clear()
+    folder, why = onnx_engine.find(registry.get(str(student)))
+    assert folder is None and "other weights" in why
+
+
+def test_export_without_a_tiny_decoder_serves_it_on_pytorch(student_with_onnx):
+    tiny = speed.TorchOptions(tiny_decoder=str(student_with_onnx))  # a folder of the user's: PyTorch only
+    with pytest.raises(ValueError, match="PyTorch engine only"):
+        generation.generate(str(student_with_onnx), "a cat", engine="onnx", torch_options=tiny)
+    with pytest.raises(ValueError, match="no tiny decoder graph"):  # TAESD is not on this machine
+        generation.generate(str(student_with_onnx), "a cat", engine="onnx", torch_options=speed.TorchOptions(tiny_decoder=True))
 
 
 def test_torch_option_errors_are_one_line(tiny_student):
