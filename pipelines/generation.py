@@ -92,6 +92,8 @@ def generate(model_id: str, prompt: str, *, negative_prompt: str = "", steps: in
     res.notice = notice
     res.info.setdefault("engine", "torch")
     res.info.setdefault("decoder", "tiny" if tiny else "vae")
+    if tiny:  # the image's settings reproduce it: say which decoder drew it
+        res.settings["decoder"] = "tiny" if tiny is True else str(tiny)
     return res
 
 

@@ -314,6 +314,8 @@ def generate(engine: Engine, spec: ModelSpec, prompt: str, *, negative_prompt: s
     timings = {"text_encoding": t1 - t0, "denoising": t2 - t1, "decoding": t3 - t2, "total": t3 - t0}
     settings = onestep.request_settings(spec, prompt, negative_prompt, steps, seed, batch_size, height, width, ts,
                                         negative_mode, nasa_alpha, guidance_scale)
+    if tiny_decoder:
+        settings["decoder"] = "tiny"
     return onestep.GenerationResult(onestep.to_pil(torch.from_numpy(images)), timings, settings,
                                     {"engine": "onnx", "prompt_cache": cache_state,
                                      "decoder": "tiny" if tiny_decoder else "vae"})

@@ -35,6 +35,18 @@ def test_valid_generation_writes_png_with_settings(client, served, tiny_sd):
     assert settings["seed"] == 2 and settings["prompt"] == "a red circle"
 
 
+def test_tiny_decoder_is_recorded_in_the_png_and_restored(client, served):
+    """The embedded student with its tiny decoder: another picture than the VAE's, and the PNG says so."""
+    from pipelines.generation import read_settings
+
+    args = ("shapes-64", "two blue stars", "", "7", False, 1, 64, 1, "nasa", 0.5)
+    tiny, timing, _ = client.predict(*args, True, api_name="/generate")
+    plain, _, _ = client.predict(*args, False, api_name="/generate")
+    settings = read_settings(tiny[0]["image"])
+    assert settings["decoder"] == "tiny" and "decoder" not in read_settings(plain[0]["image"])
+    assert Path(tiny[0]["image"]).read_bytes() != Path(plain[0]["image"]).read_bytes()
+
+
 @pytest.mark.parametrize("kwargs", [
     {"steps": 0}, {"steps": 10**6}, {"size": 100000}, {"seed": "abc"}, {"seed": str(2**70)},
     {"prompt": "x" * 100_000}, {"model": "no/such-model"}])

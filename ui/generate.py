@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from pipelines import generation, nasa, registry
+from pipelines import generation, nasa, registry, speed
 
 from .services import Services, gpu, parse_seed, user_errors
 
@@ -35,12 +35,13 @@ def build_generate(services: Services) -> dict:
     @gpu
     @user_errors
     def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size, negative_mode="nasa",
-            nasa_alpha=None):
+            nasa_alpha=None, tiny_decoder=False):
         seed = parse_seed(seed_text, randomize)
         res = generation.generate(model_id, prompt, negative_prompt=negative_prompt or "", steps=int(steps),
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
                                   device=services.device, negative_mode=negative_mode or "nasa",
-                                  nasa_alpha=None if nasa_alpha is None else float(nasa_alpha))
+                                  nasa_alpha=None if nasa_alpha is None else float(nasa_alpha),
+                                  torch_options=speed.TorchOptions(tiny_decoder=True) if tiny_decoder else None)
         files = []
         for i, img in enumerate(res.images):
             settings = generation.image_settings(res.settings, i)
@@ -63,13 +64,14 @@ def build_generate(services: Services) -> dict:
     def restore(path):
         """Settings of a dropped OneStep PNG -> the controls (the change events then regenerate it)."""
         if not path:
-            return [gr.update()] * 9
+            return [gr.update()] * 10
         s = generation.read_settings(path)
         # images saved before NASA existed steered away from their negative prompt with CFG
         mode = s.get("negative_mode", "cfg" if s.get("negative_prompt") else "nasa")
         alpha = s.get("nasa_alpha")
         return (s["model"], s["prompt"], s.get("negative_prompt", ""), str(s["seed"]), False, s["steps"],
-                s.get("height", spec.resolution), mode, gr.update() if alpha is None else alpha)
+                s.get("height", spec.resolution), mode, gr.update() if alpha is None else alpha,
+                s.get("decoder") == "tiny")
 
     def on_model(model_id):
         try:
@@ -109,6 +111,8 @@ def build_generate(services: Services) -> dict:
                     steps = gr.Slider(1, 50 if spec.role == "teacher" else 4, value=spec.steps, step=1, label="Steps")
                     size = gr.Slider(64, 1024, value=spec.resolution, step=8, label="Size (px)")
                     batch = gr.Slider(1, 16, value=1, step=1, label="Batch")
+                tiny = gr.Checkbox(label="Tiny decoder", value=False, elem_id="tiny-decoder",
+                                   info="AutoencoderTiny in place of the VAE decoder: faster, a little less exact")
                 button = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                 dropped = gr.File(label="Drop a OneStep PNG to restore its settings", file_types=[".png"],
                                   type="filepath", elem_id="restore")
@@ -117,7 +121,7 @@ def build_generate(services: Services) -> dict:
                 timing = gr.Markdown(elem_id="timing")
                 history_view = gr.Gallery(label="History (this tab)", columns=8, height=160, elem_id="history",
                                           format="png")
-        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, negative_mode, nasa_alpha]
+        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, negative_mode, nasa_alpha, tiny]
         outputs = [gallery, timing, seed, last_state]
         after = dict(fn=remember, inputs=[last_state, history_state, session_state],
                      outputs=[history_view, history_state, session_state, timing], api_visibility="private")
@@ -133,10 +137,10 @@ def build_generate(services: Services) -> dict:
         # live: every edit or slider release asks; while one runs, only the newest waits. `.change`, not
         # `.input`: gradio's textbox sends no input event for deletions (Backspace never regenerated)
         for trigger in (prompt.change, negative.change, steps.release, size.release, batch.release, negative_mode.input,
-                        nasa_alpha.release):
+                        nasa_alpha.release, tiny.input):
             trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
                     trigger_mode="always_last", show_progress="hidden").then(**after)
-        restored = [model, prompt, negative, seed, randomize, steps, size, negative_mode, nasa_alpha]
+        restored = [model, prompt, negative, seed, randomize, steps, size, negative_mode, nasa_alpha, tiny]
         dropped.upload(restore, dropped, restored, api_visibility="private").then(
             run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
     return {"model": model, "prompt": prompt, "seed": seed, "steps": steps, "gallery": gallery, "timing": timing}
