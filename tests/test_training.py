@@ -199,8 +199,9 @@ def test_teacher_probe_runs_variants_side_by_side_and_rejects_bad_ones(tmp_path)
     rows = json.loads((tmp_path / "probe.json").read_text())
     assert [r["variant"] for r in rows] == ["base", "warm16"]
     for r in rows:
-        assert r["steps"] >= 1 and 0 <= r["shapeeval"] <= 1 and 0 <= r["sdedit_0.3"] <= 1
+        assert r["steps"] >= 1 and 0 <= r["shapeeval"] <= 1 and 0 <= r["restore_snr1"] <= 1
     assert rows[1]["settings"]["snr_shift"] == 16 and "init_unet" in rows[1]["settings"]
+    assert rows[0]["restore_strength"] < rows[1]["restore_strength"]  # SNR 1 comes later in the shifted schedule
     with pytest.raises(ValueError, match="bad variant setting"):
         probe.parse_variant("x:not_a_key=1")
     with pytest.raises(ValueError, match="only warm start"):

@@ -10,8 +10,9 @@ WORK/probe-NAME, each from its first step. Each reports its steps, final loss an
 rates on the same fixed prompts and seeds:
 
 - `shapeeval`: samples at the teacher's default 25 steps and CFG 5;
-- `sdedit_0.3`: real renders noised to 30% of the schedule and denoised (img2img strength 0.3), which
-  asks only for the detail steps: it shows whether a model restores shapes it is nearly given.
+- `restore_snr1`: real renders noised to SNR 1 (as much noise as signal) and denoised (img2img from the
+  timestep where the variant's own schedule reaches SNR 1, so variants with other schedules compare
+  fairly): it shows whether a model restores shapes it is half given.
 """
 from __future__ import annotations
 
@@ -73,10 +74,13 @@ def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, thr
         samples = pipe(texts, height=64, width=64, generator=torch.Generator().manual_seed(0), **common).images
         i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
         real = [Image.fromarray(render(s, k)) for k, s in enumerate(specs)]
-        restored = i2i(texts, image=real, strength=0.3, generator=torch.Generator().manual_seed(0), **common).images
+        ac = pipe.scheduler.alphas_cumprod
+        t_snr1 = int(torch.argmin((ac / (1 - ac).clamp_min(1e-12) - 1).abs()))
+        restored = i2i(texts, image=real, strength=(t_snr1 + 1) / len(ac), generator=torch.Generator().manual_seed(0),
+                       **common).images
     return {"variant": name, "settings": changes, "steps": res["step"] - cfg.init_step, "seconds": seconds,
             "loss": round(float(res.get("loss", float("nan"))), 5), "shapeeval": passed(samples),
-            "sdedit_0.3": passed(restored)}
+            "restore_snr1": passed(restored), "restore_strength": round((t_snr1 + 1) / len(ac), 3)}
 
 
 def main(argv=None) -> int:
