@@ -12,6 +12,7 @@ so the app keeps serving what it had.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -273,8 +274,6 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
         for name, value in index.items():  # components borrowed from another folder (component_folder)
             sub = component_folder(path, name)
             if isinstance(value, list) and None not in value and sub != path / name and sub.is_dir():
-                import importlib
-
                 part = getattr(importlib.import_module(value[0]), value[1])
                 extra = {} if name in WEIGHTLESS else dict(dtype=dtype, use_safetensors=True)
                 kwargs[name] = part.from_pretrained(str(sub), local_files_only=True, **extra)

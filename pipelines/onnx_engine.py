@@ -2,7 +2,8 @@
 
 The fastest published one-step stacks (StreamDiffusion, ONNX Runtime / TensorRT for SD-Turbo) win by
 removing per-operation framework overhead. The graphs come from `onnx_export.py` (text encoder, UNet
-returning the clean latent, a NASA UNet, VAE decoder, the tiny decoder when there is one); `generate` here is `onestep.generate` on them:
+returning the clean latent, a NASA UNet, VAE decoder, the model's tiny decoder when there is one);
+`generate` here is `onestep.generate` on them:
 same arguments, checks, seeded noise (and re-noising of few-step students), settings and timings, so
 an image matches PyTorch within one 8-bit level. The CFG-style negative mode runs `unet` twice and
 extrapolates x0 outside the graph. CUDA execution provider when onnxruntime-gpu and a GPU are there,
@@ -98,7 +99,8 @@ def _find(spec: ModelSpec) -> tuple[Path | None, str]:
         if folder == cached and "tiny_decoder" not in {**manifest, **manifest.get("not_exported", {})}:
             return None, ""  # cached before exports considered a tiny decoder graph: build it again
         tiny = manifest.get("tiny_decoder")
-        if manifest.get("source_fingerprint") != current or (tiny and _tiny_fingerprint(tiny["source"]) != tiny["fingerprint"]):
+        stale_tiny = tiny and _tiny_fingerprint(tiny["source"]) != tiny["fingerprint"]
+        if manifest.get("source_fingerprint") != current or stale_tiny:
             return None, (f"the ONNX export in {folder} was made from other weights than {spec.id}'s; "
                           f"re-export with: python -m pipelines export-onnx --model {spec.id} --out {folder}")
         return folder, ""
