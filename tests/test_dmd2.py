@@ -77,9 +77,11 @@ def test_dmd2_gan_head_trains_on_shapes_world(tmp_path, tiny_sd):
     from training.methods import dmd2
 
     cfg = Dmd2Config(teacher=str(tiny_sd), run_dir=str(tmp_path / "run"), prompts="shapes", steps=2, batch_size=2,
-                     height=64, width=64, ratio=1, gan_weight=1e-3, warmup=1, lr=1e-3, eval_images=2)
+                     height=64, width=64, ratio=1, gan_weight=1e-3, warmup=1, lr=1e-3, eval_images=2, data_size=16)
     res = dmd2.train(cfg)
     assert res["finished"] and "loss_d" in res and "loss_gan_g" in res
+    # the real latents are the pool's, encoded once into the run folder
+    assert load_file(str(tmp_path / "run" / "latents.safetensors"))["latents"].shape[0] == 16
     assert "sample_shapeeval" in (tmp_path / "run" / "metrics.jsonl").read_text()  # the evaluation hook ran
     with pytest.raises(ValueError, match="GAN term needs real images"):
         dmd2.train(Dmd2Config(teacher=str(tiny_sd), run_dir=str(tmp_path / "r2"), prompts=str(tmp_path), gan_weight=1.0))

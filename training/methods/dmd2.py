@@ -230,6 +230,32 @@ class PromptSource:
         return msd.route(self.router, [prompt], pipe=self.pipe)[0] == self.route_index
 
 
+class PoolSource:
+    """Shapes-world prompts drawn from a cached pool together with their images' latents (encoded once
+    per run), for the GAN head: its real latents match the batch's prompts with no rendering per step.
+    With a router, only this student's share of the pool."""
+
+    def __init__(self, cfg, seed: int, pipe, router: dict | None = None, route_index: int = -1):
+        from ..data import pool
+        from .teacher import cached_latents
+
+        images, prompts = pool(cfg.data_size, seed=cfg.seed + 13)
+        keep = np.arange(len(prompts))
+        if router is not None:
+            from pipelines import msd
+
+            keep = np.flatnonzero(np.asarray(msd.route(router, prompts, pipe=pipe)) == route_index)
+            if not len(keep):
+                raise ValueError("the router sends none of the pool's prompts to this student")
+        self.prompts = [prompts[i] for i in keep]
+        self.latents = cached_latents(pipe.vae, images[keep], Path(cfg.run_dir) / "latents.safetensors")
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self, n: int) -> tuple[list[str], np.ndarray]:
+        idx = self.rng.integers(len(self.prompts), size=n)
+        return [self.prompts[i] for i in idx], idx
+
+
 def _update(acc, loss, params, opt, *also_zero) -> None:
     """Backward, clip to 10 (DMD2's norm), step; zero this optimizer's grads and any others'."""
     acc.backward(loss)
@@ -265,7 +291,10 @@ def train(cfg) -> dict:
         from pipelines import msd
 
         router = msd.read(cfg.route)["router"]
-    prompts = PromptSource(cfg.prompts, cfg.seed + 1000 * acc.process_index, router, cfg.route_index, d.pipe)
+    if cfg.gan_weight > 0:  # prompts with real images: the pool's
+        prompts = PoolSource(cfg, cfg.seed + 1000 * acc.process_index, d.pipe, router, cfg.route_index)
+    else:
+        prompts = PromptSource(cfg.prompts, cfg.seed + 1000 * acc.process_index, router, cfg.route_index, d.pipe)
     tgen = torch.Generator().manual_seed(cfg.seed + 7919 * acc.process_index)
     shared = np.random.default_rng(cfg.seed)  # same on every process: the backward-simulation step k
     with torch.no_grad():
@@ -276,17 +305,11 @@ def train(cfg) -> dict:
         with torch.no_grad():
             return onestep.encode_prompt(d.pipe, texts, d.height, d.width)
 
-    def real_latents(specs):
-        from shapes import render
-
-        from ..common import to_tensor
-
-        imgs = to_tensor(np.stack([render(s, int(shared.integers(2**31))) for s in specs])).to(acc.device)
-        with torch.no_grad():
-            return d.pipe.vae.encode(imgs).latent_dist.sample(tgen) * d.pipe.vae.config.scaling_factor
+    def real_latents(idx):
+        return prompts.latents[torch.from_numpy(idx)].to(acc.device)
 
     def step(i):
-        texts, specs = prompts.sample(cfg.batch_size)
+        texts, picked = prompts.sample(cfg.batch_size)
         cond, uncond = encode(texts), uncond1.repeat(cfg.batch_size)
         noise = torch.randn(shape, generator=tgen).to(acc.device)
         k = int(shared.integers(len(cfg.timesteps)))
@@ -317,7 +340,7 @@ def train(cfg) -> dict:
             loss = loss_f
             if disc_w is not None:
                 logits_fake = d.disc_logits(fake_w, disc_w, xd, cond, tgen)
-                logits_real = d.disc_logits(fake_w, disc_w, real_latents(specs), cond, tgen)
+                logits_real = d.disc_logits(fake_w, disc_w, real_latents(picked), cond, tgen)
                 loss_d = (F.softplus(logits_fake) + F.softplus(-logits_real)).mean()
                 loss = loss + cfg.gan_disc_weight * loss_d
                 metrics["loss_d"] = loss_d.item()

@@ -15,6 +15,7 @@ length without an attention mask -- exactly what `StableDiffusionPipeline.encode
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,9 @@ def cached_latents(vae: AutoencoderKL, images: np.ndarray, path: Path) -> torch.
         return load_file(str(path))["latents"]
     latents = encode_latents(vae, images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents.contiguous()}, str(path))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one run may race: last rename wins
+    save_file({"latents": latents.contiguous()}, str(tmp))
+    os.replace(tmp, path)
     return latents
 
 
