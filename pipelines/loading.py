@@ -271,13 +271,14 @@ def _from_folder(path: Path, spec: ModelSpec, dtype: torch.dtype):
     if cls_name == "StableDiffusionPipeline":
         kwargs["requires_safety_checker"] = False
     try:
-        for name, value in index.items():  # components borrowed from another folder (component_folder)
-            sub = component_folder(path, name)
-            if isinstance(value, list) and None not in value and sub != path / name and sub.is_dir():
-                part = getattr(importlib.import_module(value[0]), value[1])
-                extra = {} if name in WEIGHTLESS else dict(dtype=dtype, use_safetensors=True)
-                kwargs[name] = part.from_pretrained(str(sub), local_files_only=True, **extra)
-        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
+        with _READ_LOCK:
+            for name, value in index.items():  # components borrowed from another folder (component_folder)
+                sub = component_folder(path, name)
+                if isinstance(value, list) and None not in value and sub != path / name and sub.is_dir():
+                    part = getattr(importlib.import_module(value[0]), value[1])
+                    extra = {} if name in WEIGHTLESS else dict(dtype=dtype, use_safetensors=True)
+                    kwargs[name] = part.from_pretrained(str(sub), local_files_only=True, **extra)
+            return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True, local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = first_line(e, 300)
         raise LoadError(f"could not load {spec.id}: {first}") from None
@@ -307,8 +308,10 @@ def load_controlnet(source: str | Path, device: str | None = None, dtype: torch.
         raise LoadError(f"{source} is not a ControlNet folder (config class {cfg.get('_class_name')!r}; "
                         "allowed: 'ControlNetModel')")
     try:
-        model = ControlNetModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
-                                                dtype=dtype).to(device).eval()
+        with _READ_LOCK:
+            model = ControlNetModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True,
+                                                    dtype=dtype)
+        model = model.to(device).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise LoadError(f"could not load control model {source}: {first_line(e)}") from None
     with _LOCK:
@@ -329,7 +332,8 @@ def load_clip(path: str | Path, device: str | None = None, tokenizer_path: str |
     cfg = _weights_folder(path, source, "CLIP", f"CLIP model folder {path} does not exist")
     if cfg.get("model_type") != "clip":
         raise LoadError(f"{path} is not a CLIP model folder (config model_type {cfg.get('model_type')!r}; allowed: 'clip')")
-    model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
+    with _READ_LOCK:
+        model = CLIPModel.from_pretrained(str(path), use_safetensors=True, local_files_only=True).eval()
     tok = CLIPTokenizer.from_pretrained(str(local_folder(tokenizer_path) if tokenizer_path else path), local_files_only=True)
     return model.to(device or default_device()), tok
 
@@ -546,8 +550,9 @@ def load_tiny_decoder(source: str | Path, device: str | None = None, dtype: torc
     if cfg.get("_class_name") != "AutoencoderTiny":
         raise LoadError(f"{path} is not an AutoencoderTiny folder (class {cfg.get('_class_name')!r}; allowed: AutoencoderTiny)")
     device = device or default_device()
-    vae = AutoencoderTiny.from_pretrained(str(path), dtype=dtype or default_dtype(device), use_safetensors=True,
-                                          local_files_only=True)
+    with _READ_LOCK:
+        vae = AutoencoderTiny.from_pretrained(str(path), dtype=dtype or default_dtype(device), use_safetensors=True,
+                                              local_files_only=True)
     return vae.to(device).eval()
 
 
@@ -565,5 +570,9 @@ def clear_cache() -> None:
 
 MAX_LOADED = 4
 _LOCK = threading.Lock()
+# one model construction at a time: diffusers builds models under accelerate's init_empty_weights, which
+# patches torch.nn.Module for the whole process, so a load in another thread (the background ONNX
+# build beside a request) could get parameters left on the meta device
+_READ_LOCK = threading.RLock()
 _CACHE: OrderedDict = OrderedDict()
 _FINGERPRINTS: dict = {}

@@ -135,3 +135,29 @@ def test_png_settings_round_trip(tiny_sd, tmp_path):
     again = generation.generate(back["model"], back["prompt"], seed=back["seed"], steps=back["steps"],
                                 height=back["height"], width=back["width"])
     assert list(again.images[0].getdata()) == list(res.images[1].getdata())
+
+
+def test_concurrent_loads_never_leave_meta_parameters(tiny_sd, tiny_student):
+    """The app loads in several threads at once (a request beside the background ONNX build);
+    model construction patches torch globally, so loading.py serializes it."""
+    import threading
+
+    import torch
+
+    errors, pipes = [], []
+
+    def load(model):
+        try:
+            pipes.append(loading.load_pipeline(str(model), device="cpu", dtype=torch.float32, cache=False))
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=load, args=(m,)) for m in [tiny_sd, tiny_student] * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for pipe in pipes:
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            assert not any(p.is_meta for p in part.parameters())
