@@ -59,7 +59,8 @@ def schedule(snr_shift: float = 1.0) -> dict:
     log-SNR, as Hoogeboom et al., 2023, "simple diffusion", shift schedules between resolutions), kept
     as the schedule's `trained_betas` so any diffusers scheduler and the students read the same one.
     SD's schedule is made for 64x64 latents; on 16x16 ones the same SNR leaves far less of the image
-    (two thirds of its timesteps have SNR < 1), and s = (64/16)^2 = 16 gives back the detail steps."""
+    (two thirds of its timesteps have SNR < 1). s = (64/16)^2 = 16 is what that resolution argument
+    suggests; `python -m training.recipes.probe` measures whether it helps."""
     if snr_shift == 1.0:
         return dict(SCHEDULE)
     ac = DDPMScheduler(**SCHEDULE).alphas_cumprod.double()
