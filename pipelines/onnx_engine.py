@@ -61,7 +61,7 @@ def cache_folder(spec: ModelSpec, fingerprint: str | None = None) -> Path:
 
 
 def _fingerprint(spec: ModelSpec) -> str:
-    return loading.weights_fingerprint(loading.model_folder(spec))
+    return onnx_export.source_fingerprint(spec)
 
 
 FIND_TTL = 2.0  # seconds a lookup is reused: live typing asks many times a second
@@ -90,28 +90,16 @@ def _find(spec: ModelSpec) -> tuple[Path | None, str]:
         current = _fingerprint(spec)
     except loading.LoadError:
         return None, ""
-    cached = cache_folder(spec, current)
-    candidates.append(cached)
+    candidates.append(cache_folder(spec, current))
     for folder in candidates:
         if not (folder / loading.ONNX_MANIFEST).is_file():
             continue
         manifest = loading.read_onnx_manifest(folder)
-        if folder == cached and "tiny_decoder" not in {**manifest, **manifest.get("not_exported", {})}:
-            return None, ""  # cached before exports considered a tiny decoder graph: build it again
-        tiny = manifest.get("tiny_decoder")
-        stale_tiny = tiny and _tiny_fingerprint(tiny["source"]) != tiny["fingerprint"]
-        if manifest.get("source_fingerprint") != current or stale_tiny:
+        if manifest.get("source_fingerprint") != current:
             return None, (f"the ONNX export in {folder} was made from other weights than {spec.id}'s; "
                           f"re-export with: python -m pipelines export-onnx --model {spec.id} --out {folder}")
         return folder, ""
     return None, ""
-
-
-def _tiny_fingerprint(source: str) -> str | None:
-    try:
-        return loading.weights_fingerprint(loading.local_folder(source))
-    except (ValueError, OSError):
-        return None  # gone: the export's tiny decoder no longer matches anything here
 
 
 _BUILDS: dict[str, threading.Thread] = {}

@@ -24,6 +24,7 @@ above TOLERANCE is refused. The folder is written beside its destination and ren
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -121,8 +122,7 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
     """Export, verify against PyTorch and write an ONNX folder for a student; returns its manifest.
 
     `tiny_decoder`: also export the model's AutoencoderTiny decoder (registry.tiny_decoder_source) as
-    the `tiny_decoder` graph when it is on this machine; its weights hash is recorded beside the
-    student's, so a retrained tiny decoder makes the export stale too.
+    the `tiny_decoder` graph when it is on this machine (its weights are part of `source_fingerprint`).
 
     The folder is written beside `out` and renamed into place when complete, so a crash never leaves a
     half export where the engine would find it. Raises ValueError (one line) when the model cannot be
@@ -132,7 +132,7 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
     check_exportable(spec)
     out = _check_out(Path(out).expanduser())
     folder = loading.model_folder(spec)
-    fingerprint = loading.weights_fingerprint(folder)
+    fingerprint = source_fingerprint(spec)
     t_start = time.perf_counter()
     # trace where the graphs will run: on the GPU (fp16) only when ONNX Runtime has the CUDA provider
     device = device or ("cuda" if "CUDAExecutionProvider" in loading.onnx_providers() else "cpu")
@@ -165,7 +165,7 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
                        for name, g in graphs.items()},
             "verification": report, "not_exported": {**NOT_EXPORTED, **({} if nasa_graph else {"unet_nasa": "--no-nasa"}),
                                                      **({} if tiny else {"tiny_decoder": tiny_note})},
-            **({"tiny_decoder": {k: tiny[k] for k in ("source", "fingerprint")}} if tiny else {}),
+            **({"tiny_decoder": {"source": tiny["source"]}} if tiny else {}),
             "seconds": round(time.perf_counter() - t_start, 2),
         }
         (tmp / "export-report.json").write_text(json.dumps(
@@ -178,17 +178,29 @@ def export(model_id: str, out: str | Path, *, device: str | None = None, nasa_gr
     return manifest
 
 
-def _tiny_decoder(spec: ModelSpec, pipe, device) -> tuple[dict | None, str]:
-    """({"vae", "source", "fingerprint"}, "") for the model's tiny decoder, or (None, why not)."""
-    from . import speed
-
+def source_fingerprint(spec: ModelSpec) -> str:
+    """What an export is made from: the model folder's weights, and its tiny decoder's when that is on this
+    machine -- so retraining either makes the export stale (and names another cache folder)."""
+    fingerprint = loading.weights_fingerprint(loading.model_folder(spec))
     source = registry.tiny_decoder_source(spec)
     try:
+        tiny = loading.local_folder(source) if source else None
+    except (ValueError, OSError):
+        tiny = None  # a hub tiny decoder that is not cached
+    if tiny is None or not tiny.is_dir():
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}:{loading.weights_fingerprint(tiny)}".encode()).hexdigest()[:16]
+
+
+def _tiny_decoder(spec: ModelSpec, pipe, device) -> tuple[dict | None, str]:
+    """({"vae", "source"}, "") for the model's tiny decoder, or (None, why not)."""
+    from . import speed
+
+    try:
         vae = speed.tiny_decoder(spec, pipe, True, device, pipe.unet.dtype).eval().requires_grad_(False)
-        folder = loading.local_folder(source)
     except (ValueError, OSError) as e:
         return None, first_line(e, 200)
-    return {"vae": vae, "source": str(source), "fingerprint": loading.weights_fingerprint(folder)}, ""
+    return {"vae": vae, "source": str(registry.tiny_decoder_source(spec))}, ""
 
 
 def _check_out(out: Path) -> Path:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -37,16 +36,9 @@ def copy_model(tmp_path):
     """A writable copy of a model folder, to break in a test."""
 
     def _copy(src):
-        import json
+        from training.methods.dmd2 import copy_folder
 
-        dst = tmp_path / f"copy-{src.name}"
-        shutil.copytree(src, dst)
-        meta = dst / "onestep.json"
-        if meta.is_file() and "components_from" in json.loads(meta.read_text()):  # a student: keep borrowing
-            from training.methods.dmd2 import share_components
-
-            share_components(dst, src / json.loads(meta.read_text())["components_from"])
-        return dst
+        return copy_folder(src, tmp_path / f"copy-{src.name}")  # a student keeps borrowing its teacher's parts
 
     return _copy
 
@@ -73,13 +65,10 @@ def shapes_student(tiny_student, tmp_path_factory):
     """The tiny student presented as a shapes-world model (its teacher is shapes-64-teacher), so its
     default reward is the embedded tiny CLIP."""
     import json
-    import shutil
 
-    from training.methods.dmd2 import share_components
+    from training.methods.dmd2 import copy_folder
 
-    dst = tmp_path_factory.mktemp("shapes-student") / "student"
-    shutil.copytree(tiny_student, dst)
-    share_components(dst, tiny_student / json.loads((tiny_student / "onestep.json").read_text())["components_from"])
+    dst = copy_folder(tiny_student, tmp_path_factory.mktemp("shapes-student") / "student")
     meta = json.loads((dst / "onestep.json").read_text())
     (dst / "onestep.json").write_text(json.dumps({**meta, "teacher": "shapes-64-teacher"}))
     return dst

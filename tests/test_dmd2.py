@@ -159,13 +159,10 @@ def test_student_borrows_what_it_shares_with_its_local_teacher(tiny_student, tin
     assert registry._native_size(tiny_student) == registry._native_size(tiny_sd)  # read through the borrowed VAE
 
     # a changed teacher VAE changes the student's fingerprint (an ONNX export of it goes stale)
+    from training.methods.dmd2 import copy_folder, share_components
+
     teacher_copy = copy_model(tiny_sd)
-    student_copy = teacher_copy.parent / "student"
-    import shutil
-
-    from training.methods.dmd2 import share_components
-
-    shutil.copytree(tiny_student, student_copy)
+    student_copy = copy_folder(tiny_student, teacher_copy.parent / "student")
     share_components(student_copy, teacher_copy)
     before = loading.weights_fingerprint(student_copy)
     config = teacher_copy / "vae" / "config.json"

@@ -4,7 +4,6 @@ Stated tolerance of the ONNX engine against PyTorch on the same inputs: clean la
 (absolute; the latents are O(1)) and 8-bit images within 1 level per channel (a float difference of
 ~1e-6 can round a value to the neighbouring level, never further)."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -278,15 +277,13 @@ def test_tiny_decoder_from_a_local_folder(tiny_student, tmp_path):
 def test_tiny_decoder_graph_matches_pytorch_and_goes_stale_with_its_weights(tiny_student, tmp_path, monkeypatch):
     from diffusers import AutoencoderTiny
 
-    from training.methods.dmd2 import share_components
+    from training.methods.dmd2 import copy_folder
 
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
                     num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(tmp_path / "taesd")
     monkeypatch.setattr(registry, "tiny_decoder_source", lambda spec: str(tmp_path / "taesd"))
-    student = tmp_path / "student"
-    shutil.copytree(tiny_student, student)
-    share_components(student, tiny_student / json.loads((tiny_student / "onestep.json").read_text())["components_from"])
+    student = copy_folder(tiny_student, tmp_path / "student")
     manifest = onnx_engine.export(str(student), student / "onnx")
     assert "tiny_decoder" in manifest["graphs"] and manifest["tiny_decoder"]["source"] == str(tmp_path / "taesd")
     tiny = speed.TorchOptions(tiny_decoder=True)

@@ -422,6 +422,16 @@ def share_components(folder: str | Path, source: str | Path) -> None:
     (folder / "onestep.json").write_text(json.dumps(meta, indent=2))
 
 
+def copy_folder(src: str | Path, dst: str | Path) -> Path:
+    """Copy a model folder; a student that borrows its teacher's components keeps borrowing them."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    source = registry.component_folder(src, "vae").parent
+    if source != src:
+        share_components(dst, source)
+    return dst
+
+
 def export_checkpoint(cfg, ckpt: str | Path, out_dir: str | Path) -> Path:
     """Export the generator of a (complete) checkpoint while its run may still be going: the teacher's
     components are loaded afresh on the CPU and the generator is rebuilt exactly as `Distiller` builds it."""

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from pipelines import msd, onestep, registry
+from pipelines import msd, onestep
 
 from ..common import train_loop
 from ..config import Dmd2Config
@@ -150,9 +150,7 @@ def train(cfg) -> dict:
 def export(result: dict, out_dir: str | Path) -> Path:
     """Copy the assembled MSD folder (msd.json + students) to out_dir; each copied student borrows the
     teacher's shared components from its new place."""
-    shutil.copytree(result["model_dir"], out_dir, dirs_exist_ok=True)
-    for student in Path(out_dir).glob("student-*"):
-        source = registry.component_folder(Path(result["model_dir"]) / student.name, "vae").parent
-        if source != Path(result["model_dir"]) / student.name:
-            dmd2.share_components(student, source)
+    shutil.copytree(result["model_dir"], out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("student-*"))
+    for student in Path(result["model_dir"]).glob("student-*"):
+        dmd2.copy_folder(student, Path(out_dir) / student.name)
     return Path(out_dir)
