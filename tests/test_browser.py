@@ -71,6 +71,11 @@ def test_typing_updates_the_image_and_generate_works(page_at):
     assert settings["prompt"] == "a blue square" and "seed" in settings
     assert list(services.outputs.glob("*.png"))
 
+    # the history catches up within its refresh period: the newest image first, the running images/s beside it
+    expect(page.locator("#history img").first).to_have_attribute("src", src, timeout=10_000)
+    assert page.locator("#history img").count() >= 2
+    expect(page.locator("#timing")).to_contain_text("running")
+
 
 def test_compare_tab_shows_two_images_with_timings(page_at):
     from playwright.sync_api import expect

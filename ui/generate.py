@@ -10,6 +10,7 @@ from pipelines import generation, nasa, registry, speed
 from .services import Services, gpu, parse_seed, user_errors
 
 HISTORY_LIMIT = 48
+HISTORY_REFRESH = 1.0  # seconds between redraws of the history gallery (when it changed)
 NEGATIVE_MODES = [("NASA", "nasa"), ("CFG", "cfg")]  # (label, value the API takes)
 
 
@@ -35,7 +36,9 @@ def build_generate(services: Services) -> dict:
     @gpu
     @user_errors
     def run(model_id, prompt, negative_prompt, seed_text, randomize, steps, size, batch_size, negative_mode="nasa",
-            nasa_alpha=None, tiny_decoder=False):
+            nasa_alpha=None, tiny_decoder=False, history=None, session=None):
+        """One generation; also this tab's history and running images/s (per browser session: other users
+        never see them), in the same round trip so a live edit costs one request."""
         seed = parse_seed(seed_text, randomize)
         res = generation.generate(model_id, prompt, negative_prompt=negative_prompt or "", steps=int(steps),
                                   seed=seed, batch_size=int(batch_size), height=int(size), width=int(size),
@@ -47,18 +50,17 @@ def build_generate(services: Services) -> dict:
             settings = generation.image_settings(res.settings, i)
             path = services.output_path(f"{settings['seed']}.png")
             files.append((str(generation.save_png(img, path, settings)), f"seed {settings['seed']}"))
-        last = {"files": files, "timings": res.timings, "info": res.info, "notice": res.notice}
-        return files, timing_line(res.timings, len(files), None, res.info, res.notice), str(seed), last
+        session = {"images": (session or {}).get("images", 0) + len(files),
+                   "seconds": (session or {}).get("seconds", 0.0) + res.timings["total"]}
+        history = (files + list(history or []))[:HISTORY_LIMIT]
+        return files, timing_line(res.timings, len(files), session, res.info, res.notice), str(seed), history, session
 
-    def remember(last, history, session):
-        """This tab's history and running images/s (per browser session: other users never see them)."""
-        if not last:
-            return gr.update(), history, session, gr.update()
-        session = {"images": (session or {}).get("images", 0) + len(last["files"]),
-                   "seconds": (session or {}).get("seconds", 0.0) + last["timings"]["total"]}
-        history = (last["files"] + list(history or []))[:HISTORY_LIMIT]
-        return history, history, session, timing_line(last["timings"], len(last["files"]), session, last.get("info"),
-                                                      last.get("notice", ""))
+    def show_history(history, shown):
+        """Redraw the history gallery when it changed, at most once per HISTORY_REFRESH seconds: redrawing
+        it after every live edit costs gradio ~1 ms per image on the server and the browser a re-render,
+        both while the next edit's image is on its way."""
+        newest = history[0][0] if history else None
+        return (gr.skip(), shown) if newest == shown else (history, newest)
 
     @user_errors
     def restore(path):
@@ -84,7 +86,7 @@ def build_generate(services: Services) -> dict:
     with gr.Tab("Generate", id="generate"):
         history_state = gr.State([])
         session_state = gr.State({})
-        last_state = gr.State(None)
+        shown_state = gr.State(None)  # the newest history image drawn so far
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(services.model_choices(), value=services.default_model, label="Model",
@@ -121,26 +123,25 @@ def build_generate(services: Services) -> dict:
                 timing = gr.Markdown(elem_id="timing")
                 history_view = gr.Gallery(label="History (this tab)", columns=8, height=160, elem_id="history",
                                           format="png")
-        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, negative_mode, nasa_alpha, tiny]
-        outputs = [gallery, timing, seed, last_state]
-        after = dict(fn=remember, inputs=[last_state, history_state, session_state],
-                     outputs=[history_view, history_state, session_state, timing], api_visibility="private")
+        inputs = [model, prompt, negative, seed, randomize, steps, size, batch, negative_mode, nasa_alpha, tiny,
+                  history_state, session_state]
+        outputs = [gallery, timing, seed, history_state, session_state]
+        gr.Timer(HISTORY_REFRESH).tick(show_history, [history_state, shown_state], [history_view, shown_state],
+                                       api_visibility="private", show_progress="hidden")
         model.change(on_model, model, [steps, size, nasa_alpha], api_visibility="private")
-        button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu").then(**after)
-        prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
+        button.click(run, inputs, outputs, api_name="generate", concurrency_id="gpu")
+        prompt.submit(run, inputs, outputs, api_visibility="private", concurrency_id="gpu")
 
         def live_run(on, *args):
-            if not on:
-                return gr.update(), gr.update(), gr.update(), None
-            return run(*args)
+            return run(*args) if on else (gr.skip(),) * len(outputs)
 
         # live: every edit or slider release asks; while one runs, only the newest waits. `.change`, not
         # `.input`: gradio's textbox sends no input event for deletions (Backspace never regenerated)
         for trigger in (prompt.change, negative.change, steps.release, size.release, batch.release, negative_mode.input,
                         nasa_alpha.release, tiny.input):
             trigger(live_run, [live, *inputs], outputs, api_visibility="private", concurrency_id="gpu",
-                    trigger_mode="always_last", show_progress="hidden").then(**after)
+                    trigger_mode="always_last", show_progress="hidden")
         restored = [model, prompt, negative, seed, randomize, steps, size, negative_mode, nasa_alpha, tiny]
         dropped.upload(restore, dropped, restored, api_visibility="private").then(
-            run, inputs, outputs, api_visibility="private", concurrency_id="gpu").then(**after)
+            run, inputs, outputs, api_visibility="private", concurrency_id="gpu")
     return {"model": model, "prompt": prompt, "seed": seed, "steps": steps, "gallery": gallery, "timing": timing}
