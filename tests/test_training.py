@@ -180,6 +180,14 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=3"]) == 0
     assert _metric_steps(tmp_path / "work" / "teacher") == [3]
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 3
+    # so does a student stage stopped early: its generator from the committed partial export
+    student = [a for t in ("student.steps=2", "student.batch_size=2", "student.data_size=8", "student.eval_images=0")
+               for a in ("--set", t)] + ["--stages", "student"]
+    assert recipe.main(args + student + ["--set", "student.max_seconds=0.001", "--export-partial"]) == 3  # stopped
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["student"]["step"] == 1
+    shutil.rmtree(tmp_path / "work" / "student")
+    assert recipe.main(args + student) == 0
+    assert _metric_steps(tmp_path / "work" / "student") == [2]
     with pytest.raises(SystemExit):
         recipe.main(args + ["--stages", "nope"])
 

@@ -103,7 +103,7 @@ def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], di
         save_json(cfg, run_dir / "config.json")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    start = getattr(cfg, "init_step", 0)  # a warm start's step; a checkpoint overrides it
+    start = cfg.init_step  # a warm start's step; a checkpoint overrides it
     if (last := checkpoint.latest(run_dir)) is not None:
         state = checkpoint.load(last, modules, optimizers)
         start = state["step"]

@@ -28,6 +28,7 @@ class TrainConfig:
     threads: int = 0  # torch threads; 0 keeps torch's default
     max_seconds: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
     data_size: int = 20000  # pre-rendered (image, prompt) pairs in the cached pool
+    init_step: int = 0  # a warm start's step (from a partial export): steps and LR schedule continue from it
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,6 @@ class TeacherConfig(TrainConfig):
     data_size: int = 40000  # pre-rendered pairs, encoded to latents once per run
     eval_images: int = 48  # quick ShapeEval at each checkpoint (0: none)
     init_unet: str = ""  # warm start (no checkpoint in run_dir): a UNet folder, e.g. a partial export
-    init_step: int = 0  # the step that warm start continues from
     # The shipped run used batch 64 (12,000 steps planned) up to step 4,361, then batch 32 over a 40,000-step
     # schedule: on 2 CPU cores twice the updates per hour did more than the larger batch (samples at 4,000
     # steps were still blobs, quick ShapeEval 0.08-0.25 from step 1,500 to 4,000).

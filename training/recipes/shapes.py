@@ -56,6 +56,18 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def _warm_start(out: Path, work: Path, stage: str, key: str) -> dict:
+    """With no run checkpoint on this machine, a stage that stopped early continues from its committed
+    partial export (`key` = its UNet folder) at the step recipe.json recorded; otherwise nothing."""
+    from training import checkpoint
+
+    unet = out / stage.replace("_", "-") / "unet"
+    done = json.loads((out / "recipe.json").read_text()).get(stage, {}) if (out / "recipe.json").is_file() else {}
+    if checkpoint.latest(work / stage) is not None or not unet.is_dir() or not done.get("step"):
+        return {}
+    return {key: str(unet), "init_step": int(done["step"])}
+
+
 def _overrides(pairs: list[str], stage: str) -> list[str]:
     return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
 
@@ -112,14 +124,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
             tiny_decoder.export(res["model"], out / "tiny-decoder")
         return res
     if stage == "teacher":
-        from training import checkpoint
         from training.methods import teacher
 
-        warm = {}
-        done = json.loads((out / "recipe.json").read_text()).get("teacher", {}) if (out / "recipe.json").is_file() else {}
-        if checkpoint.latest(work / stage) is None and (out / "teacher" / "unet").is_dir() and done.get("step"):
-            # no run checkpoint on this machine: continue from the committed partial export
-            warm = dict(init_unet=str(out / "teacher" / "unet"), init_step=int(done["step"]))
+        warm = _warm_start(out, work, stage, "init_unet")
         cfg = with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common, **warm),
                              _overrides(args.set, stage))
         res = teacher.train(cfg)
@@ -132,7 +139,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import dmd2
 
         timesteps = (999,) if stage == "student" else (999, 749, 499, 249)
-        cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps, **STUDENT, **common),
+        cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps, **STUDENT, **common,
+                                        **_warm_start(out, work, stage, "generator_init")),
                              _overrides(args.set, stage))
         res = dmd2.train(cfg)
         if res["finished"] or args.export_partial:
