@@ -195,6 +195,17 @@ def test_nct_and_controlnet_training_runs_resume_and_export(tiny_student, tiny_s
     assert {"loss_con", "loss_bound", "lambda"} <= set(lines[-1])
     state = json.loads(next((tmp_path / "nct" / "checkpoints").glob("step-00000003")).joinpath("state.json").read_text())
     assert "lambda" in state
+    # a warm start (fresh run folder) begins from the exported adapter and its step
+    import dataclasses
+
+    from training.methods import nct as nct_method
+
+    warm = dataclasses.replace(cfg, run_dir=str(tmp_path / "nct-warm"), init_adapter=str(tmp_path / "nct-out"),
+                               init_step=3, steps=3)
+    res = nct_method.train(warm)
+    assert res["finished"] and res["step"] == 3
+    exported = loading.load_controlnet(tmp_path / "nct-out").state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in res["adapter"].state_dict().items())
 
     cfg = ControlNetConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "cn"), steps=2, batch_size=2, data_size=8,
                            warmup=1)

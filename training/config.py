@@ -187,6 +187,7 @@ class NctConfig(TrainConfig):
     boundary_target: float = 0.01  # xi: the boundary loss (latent MSE to the frozen output) is kept below this
     dual_lr: float = 1.0  # eta: lambda <- max(0, lambda + eta (L_bound - xi))
     lambda_init: float = 1.0
+    init_adapter: str = ""  # warm start (no checkpoint in run_dir): a ControlNetModel folder, e.g. a partial export
     batch_size: int = 16
     lr: float = 2e-4
     warmup: int = 100

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import ControlNetModel
 
 from pipelines import control, loading, onestep, registry
 
@@ -96,7 +97,10 @@ def train(cfg) -> dict:
     pipe = loading.load_pipeline(cfg.student, device=str(device), dtype=torch.float32, cache=False)
     model = Adapted(pipe, spec)
     torch.manual_seed(cfg.seed)
-    net = new_controlnet(pipe.unet, pipe.vae_scale_factor).train().to(device)
+    net = new_controlnet(pipe.unet, pipe.vae_scale_factor)
+    if cfg.init_adapter:  # warm start from an exported adapter (a checkpoint in run_dir still wins)
+        net.load_state_dict(ControlNetModel.from_pretrained(cfg.init_adapter, use_safetensors=True).state_dict())
+    net = net.train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     net_w, opt = acc.prepare(net, opt)
     prompts = PromptSource(cfg.prompts, cfg.seed + 1 + 1000 * acc.process_index)

@@ -56,16 +56,16 @@ def _device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
-def _warm_start(out: Path, work: Path, stage: str, key: str) -> dict:
-    """With no run checkpoint on this machine, a stage that stopped early continues from its committed
-    partial export (`key` = its UNet folder) at the step recipe.json recorded; otherwise nothing."""
+def _warm_start(out: Path, work: Path, stage: str, key: str, folder: str = "") -> dict:
+    """With no run checkpoint on this machine, a stage continues from its committed (partial) export
+    (`key` = that folder: the stage's UNet unless `folder` names another) at the step recipe.json recorded."""
     from training import checkpoint
 
-    unet = out / stage.replace("_", "-") / "unet"
+    path = out / (folder or f"{stage.replace('_', '-')}/unet")
     done = json.loads((out / "recipe.json").read_text()).get(stage, {}) if (out / "recipe.json").is_file() else {}
-    if checkpoint.latest(work / stage) is not None or not unet.is_dir() or not done.get("step"):
+    if checkpoint.latest(work / stage) is not None or not path.is_dir() or not done.get("step"):
         return {}
-    return {key: str(unet), "init_step": int(done["step"])}
+    return {key: str(path), "init_step": int(done["step"])}
 
 
 def _overrides(pairs: list[str], stage: str) -> list[str]:
@@ -159,7 +159,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.config import NctConfig
         from training.methods import nct
 
-        cfg = with_overrides(NctConfig(student=str(out / "student"), **common), _overrides(args.set, stage))
+        cfg = with_overrides(NctConfig(student=str(out / "student"), **common,
+                                       **_warm_start(out, work, stage, "init_adapter", "nct-canny")),
+                             _overrides(args.set, stage))
         res = nct.train(cfg)
         if res["finished"] or args.export_partial:
             nct.export(res["adapter"], cfg, out / "nct-canny")
