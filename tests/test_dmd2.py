@@ -37,7 +37,7 @@ def test_dmd2_one_step_updates_generator_and_exports(tmp_path, tiny_sd, prompt_f
     from pipelines import generation, registry
     from training.methods import dmd2
 
-    cfg = _cfg(tmp_path, tiny_sd, prompt_file)
+    cfg = _cfg(tmp_path, tiny_sd, prompt_file, ratio=2)  # the generator updates at step 1 only
     d = dmd2.Distiller(cfg, "cpu")
     before = {k: v.clone() for k, v in d.generator.state_dict().items()}
     res = dmd2.train(cfg)
@@ -47,6 +47,13 @@ def test_dmd2_one_step_updates_generator_and_exports(tmp_path, tiny_sd, prompt_f
     spec = registry.get(str(out))
     assert spec.role == "student" and spec.timesteps == (999,) and spec.teacher == str(tiny_sd)
     assert generation.generate(str(out), "a red circle", height=64, width=64).images[0].size == (64, 64)
+    # the 2-step log line carries the generator's loss of step 1 (it updates every `ratio` steps)
+    assert "loss_dm" in json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    # re-exporting keeps the student's NCT adapters
+    meta = json.loads((out / "onestep.json").read_text())
+    (out / "onestep.json").write_text(json.dumps({**meta, "nct": {"canny": "../nct-canny"}}))
+    dmd2.export(res, cfg, out)
+    assert json.loads((out / "onestep.json").read_text())["nct"] == {"canny": "../nct-canny"}
 
 
 def test_dmd2_four_step_backward_simulation(tmp_path, tiny_sd_v, prompt_file):

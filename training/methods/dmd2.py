@@ -308,6 +308,8 @@ def train(cfg) -> dict:
     def real_latents(idx):
         return prompts.latents[torch.from_numpy(idx)].to(acc.device)
 
+    last_g = {}  # the generator's latest losses, carried into every logged line (it updates every `ratio` steps)
+
     def step(i):
         texts, picked = prompts.sample(cfg.batch_size)
         cond, uncond = encode(texts), uncond1.repeat(cfg.batch_size)
@@ -345,8 +347,8 @@ def train(cfg) -> dict:
                 loss = loss + cfg.gan_disc_weight * loss_d
                 metrics["loss_d"] = loss_d.item()
         _update(acc, loss, fake_params, opt_f)
-        metrics.update(loss_fake=loss_f.item(), lr=opt_g.param_groups[0]["lr"])
-        return metrics
+        last_g.update(metrics if gen_step else {})
+        return {**last_g, **metrics, "loss_fake": loss_f.item(), "lr": opt_g.param_groups[0]["lr"]}
 
     modules = {"generator": d.generator, "fake": d.fake}
     if d.disc is not None:
@@ -403,7 +405,10 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
                   and m.path.resolve() == teacher.path.resolve()), cfg.teacher)
     meta = {"role": "student", "teacher": named, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
             "resolution": resolution, "method": "dmd2"}
-    (Path(out_dir) / "onestep.json").write_text(json.dumps(meta, indent=2))
+    meta_path = Path(out_dir) / "onestep.json"
+    if meta_path.is_file():  # re-exporting a student keeps its NCT adapters (the recipe's nct stage follows)
+        meta.update({k: v for k, v in json.loads(meta_path.read_text()).items() if k == "nct"})
+    meta_path.write_text(json.dumps(meta, indent=2))
     if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
         share_components(out_dir, teacher.path)
     return Path(out_dir)
