@@ -51,6 +51,16 @@ def save_grid(images, path: str | Path, columns: int = 8) -> Path:
     return path
 
 
+def drop_local_paths(folder: str | Path) -> None:
+    """Remove diffusers' `_name_or_path` from a saved model folder's configs: it records where the weights
+    were loaded from on the machine that saved them (e.g. /tmp/job/...), which means nothing elsewhere."""
+    folder = Path(folder)
+    for path in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        if path.is_file() and "_name_or_path" in (data := json.loads(path.read_text())):
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0,
              accelerator=None) -> None:
     """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update.

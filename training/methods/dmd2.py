@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from pipelines import loading, onestep, registry
 
-from ..common import save_grid, train_loop
+from ..common import drop_local_paths, save_grid, train_loop
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]
@@ -399,6 +399,7 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
         pipe.save_pretrained(Path(out_dir), safe_serialization=True)
     finally:
         pipe.unet = teacher_unet
+    drop_local_paths(out_dir)
     teacher = registry.get(cfg.teacher)
     # a teacher folder that is a registry model is recorded by its id (valid from any working directory)
     named = next((m.id for m in registry.MODELS.values() if m.is_local and teacher.is_local

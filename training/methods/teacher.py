@@ -27,7 +27,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from shapes import judge, sample_spec, to_prompt
 
-from ..common import optimize, save_grid, to_tensor, train_loop
+from ..common import drop_local_paths, optimize, save_grid, to_tensor, train_loop
 from ..data import pool
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -198,3 +198,4 @@ def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path, snr_shift: f
     half_unet, half_vae = copy.deepcopy(unet).to(torch.float16), copy.deepcopy(vae).to(torch.float16)
     make_pipeline(half_unet, half_vae, text_encoder, tokenizer, snr_shift).save_pretrained(Path(out_dir),
                                                                                         safe_serialization=True)
+    drop_local_paths(out_dir)
