@@ -1,6 +1,6 @@
 """Speed benchmarks, measured side by side in one process: `python -m bench` (or `make bench`).
 
-    python -m bench [--student shapes-64] [--batches 1,4,16] [--seconds 1.0] [--repeats 50]
+    python -m bench [--student shapes-64] [--batches 1,8,16] [--seconds 1.0] [--repeats 50]
                     [--skip cold,reno,...] [--note TEXT] [--out bench/results/<machine>.json] [--readme]
 
 Rows (each a ratio to its baseline, measured in this run on this machine):
@@ -320,7 +320,7 @@ def _flops(student: str, seconds: float, student_res: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", default=registry.DEFAULT_MODEL, help="registry id or a student folder")
-    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--batches", default="1,8,16", help="batch sizes (1 and 8: the student-vs-teacher figures)")
     ap.add_argument("--seconds", type=float, default=1.0, help="measurement time per configuration")
     ap.add_argument("--repeats", type=int, default=50, help="at most this many timed calls per configuration")
     ap.add_argument("--skip", default="", help=f"comma-separated sections to skip: {', '.join(SECTIONS)}")
