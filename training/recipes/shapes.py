@@ -139,7 +139,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import dmd2
 
         timesteps = (999,) if stage == "student" else (999, 749, 499, 249)
-        cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps, **STUDENT, **common,
+        steps = 4000 if stage == "student" else STUDENT["steps"]  # the one-step student ran on to 4,000
+        cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps,
+                                        **{**STUDENT, "steps": steps}, **common,
                                         **_warm_start(out, work, stage, "generator_init")),
                              _overrides(args.set, stage))
         res = dmd2.train(cfg)
