@@ -14,7 +14,7 @@ HISTORY_REFRESH = 1.0  # seconds between redraws of the history gallery (when it
 NEGATIVE_MODES = [("NASA", "nasa"), ("CFG", "cfg")]  # (label, value the API takes)
 
 
-def timing_line(timings: dict, n: int, session: dict | None = None, info: dict | None = None, notice: str = "") -> str:
+def timing_line(timings: dict, n: int, session: dict, info: dict | None = None, notice: str = "") -> str:
     ms = {k: v * 1000 for k, v in timings.items()}
     line = (f"text encoding {ms['text_encoding']:.0f} ms · denoising {ms['denoising']:.0f} ms · "
             f"decoding {ms['decoding']:.0f} ms · total {ms['total']:.0f} ms · "
@@ -23,7 +23,7 @@ def timing_line(timings: dict, n: int, session: dict | None = None, info: dict |
         line += f" · {'ONNX Runtime' if info['engine'] == 'onnx' else 'PyTorch'}"
         if info.get("prompt_cache") == "hit":
             line += " (cached prompt)"
-    if session and session.get("seconds"):
+    if session["seconds"]:
         line += f" · running {session['images'] / session['seconds']:.1f} images/s over {session['images']} images"
     if notice:
         line += f" · notice: {notice}"

@@ -308,7 +308,7 @@ def train(cfg) -> dict:
     def real_latents(idx):
         return prompts.latents[torch.from_numpy(idx)].to(acc.device)
 
-    last_g = {}  # the generator's latest losses, carried into every logged line (it updates every `ratio` steps)
+    gen_metrics = {}  # the generator's latest losses, in every logged line (it updates every `ratio` steps)
 
     def step(i):
         texts, picked = prompts.sample(cfg.batch_size)
@@ -322,7 +322,7 @@ def train(cfg) -> dict:
                 x = d.generate_x0(gen_w, noise, cond, k, tgen)
             if gen_step:
                 loss_g = d.dm_loss(x, cond, uncond, tgen)
-                metrics["loss_dm"] = loss_g.item()
+                gen_metrics["loss_dm"] = loss_g.item()
                 if disc_w is not None:
                     for p in fake_params:
                         p.requires_grad_(False)
@@ -331,7 +331,7 @@ def train(cfg) -> dict:
                     for p in fake_params:
                         p.requires_grad_(True)
                     loss_g = loss_g + cfg.gan_weight * gan_g
-                    metrics["loss_gan_g"] = gan_g.item()
+                    gen_metrics["loss_gan_g"] = gan_g.item()
                 _update(acc, loss_g, gen_params, opt_g, opt_f)
             xd = x.detach().float()
             t = torch.randint(0, d.num_t, (xd.shape[0],), generator=tgen).to(acc.device)
@@ -347,8 +347,7 @@ def train(cfg) -> dict:
                 loss = loss + cfg.gan_disc_weight * loss_d
                 metrics["loss_d"] = loss_d.item()
         _update(acc, loss, fake_params, opt_f)
-        last_g.update(metrics if gen_step else {})
-        return {**last_g, **metrics, "loss_fake": loss_f.item(), "lr": opt_g.param_groups[0]["lr"]}
+        return {**gen_metrics, **metrics, "loss_fake": loss_f.item(), "lr": opt_g.param_groups[0]["lr"]}
 
     modules = {"generator": d.generator, "fake": d.fake}
     if d.disc is not None:
@@ -407,8 +406,9 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
     meta = {"role": "student", "teacher": named, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
             "resolution": resolution, "method": "dmd2"}
     meta_path = Path(out_dir) / "onestep.json"
-    if meta_path.is_file():  # re-exporting a student keeps its NCT adapters (the recipe's nct stage follows)
-        meta.update({k: v for k, v in json.loads(meta_path.read_text()).items() if k == "nct"})
+    old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "nct" in old:  # re-exporting a student keeps its NCT adapters (the recipe's nct stage follows)
+        meta["nct"] = old["nct"]
     meta_path.write_text(json.dumps(meta, indent=2))
     if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
         share_components(out_dir, teacher.path)

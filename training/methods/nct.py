@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel
 
 from pipelines import control, loading, onestep, registry
 
@@ -99,7 +98,7 @@ def train(cfg) -> dict:
     torch.manual_seed(cfg.seed)
     net = new_controlnet(pipe.unet, pipe.vae_scale_factor)
     if cfg.init_adapter:  # warm start from an exported adapter (a checkpoint in run_dir still wins)
-        net.load_state_dict(ControlNetModel.from_pretrained(cfg.init_adapter, use_safetensors=True).state_dict())
+        net.load_state_dict(loading.load_controlnet(cfg.init_adapter, device="cpu", dtype=torch.float32).state_dict())
     net = net.train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     net_w, opt = acc.prepare(net, opt)

@@ -39,6 +39,7 @@ STAGES = ("tokenizer", "clip", "vae", "tiny_decoder", "teacher", "clip_vision", 
 # DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
 STUDENT = dict(prompts="shapes", height=64, width=64, real_guidance=5.0, ratio=5, gan_weight=1e-3, batch_size=16,
                lr=5e-5, guidance_lr=5e-5, steps=3000, save_every=250, eval_images=48)
+STUDENT_STEPS = {"student": 4000}  # the one-step student ran on past the shared 3,000
 
 
 def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
@@ -139,9 +140,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import dmd2
 
         timesteps = (999,) if stage == "student" else (999, 749, 499, 249)
-        steps = 4000 if stage == "student" else STUDENT["steps"]  # the one-step student ran on to 4,000
         cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps,
-                                        **{**STUDENT, "steps": steps}, **common,
+                                        **{**STUDENT, "steps": STUDENT_STEPS.get(stage, STUDENT["steps"])}, **common,
                                         **_warm_start(out, work, stage, "generator_init")),
                              _overrides(args.set, stage))
         res = dmd2.train(cfg)
