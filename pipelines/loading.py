@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .errors import first_line
-from .registry import (REWARD_MODELS, SHAPES_RECIPE, TINY_DECODERS, ModelSpec, component_folder, get,
-                       install_hint)
+from .registry import (LORA_FILE, REWARD_MODELS, SHAPES_RECIPE, SHARED_COMPONENTS, TINY_DECODERS, ModelSpec,
+                       component_folder, get, install_hint)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 ALLOWED_PIPELINES = {
@@ -239,9 +239,9 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype |
     if vae is not None and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # SD/SDXL VAEs overflow in fp16; onestep.decode casts latents to the VAE's dtype
     if spec.lora:
-        pipe.load_lora_weights(str(_checked(hub_file(*spec.lora))))
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+        _fuse_lora(pipe, _checked(hub_file(*spec.lora)))
+    if spec.is_local and (path / LORA_FILE).is_file():  # a LoRA student on a borrowed UNet (unet_from)
+        _fuse_lora(pipe, _checked(path / LORA_FILE))
     pipe.set_progress_bar_config(disable=True)
     if not cache:
         return pipe
@@ -250,6 +250,12 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype |
         while len(_CACHE) > MAX_LOADED:
             _CACHE.popitem(last=False)
     return pipe
+
+
+def _fuse_lora(pipe, path: Path) -> None:
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
 
 
 def _checked(path: Path) -> Path:
@@ -414,14 +420,12 @@ def weights_fingerprint(folder: str | Path) -> str:
     (path, size, mtime), so a rewritten checkpoint is hashed again."""
     import hashlib
 
-    from .registry import SHARED_COMPONENTS
-
     folder = Path(folder)
     h = hashlib.sha256()
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt")
                    and p.relative_to(folder).parts[0] != "onnx" and not p.name.startswith("."))
     roots = {p: folder for p in files}
-    for name in SHARED_COMPONENTS:  # borrowed components count as the folder's own
+    for name in (*SHARED_COMPONENTS, "unet"):  # borrowed components count as the folder's own
         sub = component_folder(folder, name)
         if sub != folder / name and sub.is_dir():
             roots.update({p: sub.parent for p in sorted(sub.rglob("*")) if p.is_file()})

@@ -241,19 +241,24 @@ def local_teacher(spec: ModelSpec) -> ModelSpec | None:
 
 # components a distilled student never changes: saved once, in its teacher's folder (see component_folder)
 SHARED_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA student's adapter, beside its onestep.json (diffusers' name)
 
 
 def component_folder(path: str | Path, name: str) -> Path:
     """Where a model folder's component `name` lives: its own subfolder, or else that of the folder its
     onestep.json names in "components_from" (relative to it) -- a student saved beside its local
-    teacher keeps its own UNet and scheduler and borrows the VAE, text encoder and tokenizer."""
+    teacher keeps its own UNet and scheduler and borrows the VAE, text encoder and tokenizer. The UNet
+    comes from "unet_from" when it names a folder: a LoRA student (its adapter in LORA_FILE) on another
+    student's UNet, as MSD's students are."""
     import json
 
     own = Path(path) / name
     meta = Path(path) / "onestep.json"
     if own.is_dir() or not meta.is_file():
         return own
-    source = json.loads(meta.read_text()).get("components_from")
+    data = json.loads(meta.read_text())
+    source = data.get("unet_from") if name == "unet" else None
+    source = source or data.get("components_from")
     return (Path(path) / source / name).resolve() if source else own
 
 
@@ -262,7 +267,7 @@ def _native_size(path: Path) -> int:
     import json
 
     try:
-        unet = json.loads((path / "unet" / "config.json").read_text())
+        unet = json.loads((component_folder(path, "unet") / "config.json").read_text())
         vae = json.loads((component_folder(path, "vae") / "config.json").read_text())
         return max(64, int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1))
     except (OSError, KeyError, ValueError, TypeError):

@@ -150,6 +150,51 @@ def test_msd_smaller_students_with_tsm_are_routed_and_served(tmp_path, tiny_sd):
         assert registry.component_folder(out / student, "vae") == (tiny_sd / "vae").resolve()
 
 
+def test_msd_lora_students_on_a_trained_student_store_their_adapters_alone(tmp_path, tiny_sd, tiny_student):
+    """MSD's `student_init` variant: each student is a LoRA on one trained student's UNet, saved as diffusers'
+    LoRA file beside an onestep.json that borrows that UNet; loading fuses it back to the trained generator."""
+    from pipelines import generation, loading, registry
+    from training.config import MsdConfig
+    from training.methods import msd
+
+    cfg = MsdConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "run"), prompts="shapes", steps=3, batch_size=2,
+                    height=64, width=64, ratio=1, warmup=1, lr=1e-2, student_init=str(tiny_student),
+                    generator_lora_rank=4, lora_alpha=4.0, fake_warmup=1, gan_weight=1e-3, data_size=32,
+                    groups=(("single_object", "colors", "two_object"), ("counting", "position", "color_attr")))
+    res = msd.train(cfg)
+    assert res["finished"] and res["students"] == 2
+    # the GAN pool's latents were encoded once, for both students
+    assert (tmp_path / "run" / "latents.safetensors").is_file()
+    assert not any((tmp_path / "run" / f"student-{i}" / "latents.safetensors").exists() for i in (0, 1))
+    out = msd.export(res, tmp_path / "msd-model")
+    base = loading.load_pipeline(str(tiny_student), device="cpu", dtype=torch.float32, cache=False)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    emb = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = base.unet(x, 999, encoder_hidden_states=emb).sample
+    for i in (0, 1):
+        folder = out / f"student-{i}"
+        assert not (folder / "unet").exists() and (folder / registry.LORA_FILE).stat().st_size < 200_000
+        assert registry.component_folder(folder, "unet") == (tiny_student / "unet").resolve()
+        pipe = loading.load_pipeline(str(folder), device="cpu", dtype=torch.float32, cache=False)
+        with torch.no_grad():
+            fused = pipe.unet(x, 999, encoder_hidden_states=emb).sample
+        assert not torch.allclose(fused, plain, atol=1e-4)  # the LoRA trained
+        assert loading.weights_fingerprint(folder) != loading.weights_fingerprint(tiny_student)
+    # the last student's trained generator (LoRA unfused, from its run's checkpoint) gives what its folder gives
+    from training import checkpoint
+    from training.methods import dmd2
+
+    generator = dmd2.build_generator(msd.student_config(cfg, 1), base.unet)
+    generator.load_state_dict(loading.load_state_dict(checkpoint.latest(tmp_path / "run" / "student-1")
+                                                      / "model-generator.safetensors"))
+    with torch.no_grad():
+        live = generator(x, 999, encoder_hidden_states=emb).sample
+    assert torch.allclose(live, fused, atol=1e-4)
+    a = generation.generate(str(out), "two blue stars", height=64, width=64)  # counting: the second student
+    assert a.settings["student"] == 1 and a.images[0].size == (64, 64)
+
+
 def test_student_borrows_what_it_shares_with_its_local_teacher(tiny_student, tiny_sd, copy_model):
     """A student saved from a local teacher stores its UNet and scheduler only; loading takes the VAE,
     text encoder and tokenizer from the teacher, and the weights fingerprint covers them."""

@@ -30,6 +30,18 @@ def test_config_rejects_unknown_keys_and_bad_overrides():
     assert cfg.steps == 7 and cfg.block_out_channels == (16, 32)
 
 
+def test_lr_schedule_warms_up_holds_until_decay_start_then_decays():
+    from training.common import lr_factor
+    from training.config import Dmd2Config
+
+    cfg = Dmd2Config(warmup=10, steps=200, decay_start=100, min_lr_ratio=0.1)
+    assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 9) == 1.0
+    assert lr_factor(cfg, 99) == 1.0 and lr_factor(cfg, 150) == pytest.approx(0.55)
+    assert lr_factor(cfg, 200) == pytest.approx(0.1) and lr_factor(cfg, 500) == pytest.approx(0.1)
+    plain = Dmd2Config(warmup=10, steps=110, min_lr_ratio=0.1)  # no decay_start: the decay starts after warm-up
+    assert lr_factor(plain, 60) == pytest.approx(0.55)
+
+
 def test_checkpoint_is_atomic_rotates_and_skips_incomplete(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

@@ -78,7 +78,10 @@ def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: f
 def lr_factor(cfg, step: int) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+    start = max(cfg.warmup, cfg.decay_start)
+    if step < start:
+        return 1.0
+    progress = min((step - start) / max(cfg.steps - start, 1), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

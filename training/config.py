@@ -20,6 +20,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 50  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
+    decay_start: int = 0  # > warmup: the LR holds until this step, then the cosine decay runs to `steps`
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 200
@@ -138,6 +139,10 @@ class Dmd2Config(TrainConfig):
     route: str = ""  # MSD: train only on prompts the router in this msd.json folder sends to `route_index`
     route_index: int = -1
     generator_init: str = ""  # a UNet folder to start the generator from (e.g. a smaller TSM student)
+    # steps at the run's start that train only the fake score (and GAN head) on the generator's samples:
+    # a generator that starts trained (generator_init) needs a fake score fitted to it before its gradient means much
+    fake_warmup: int = 0
+    latents_cache: str = ""  # the GAN pool's latents file (default: in run_dir); MSD's students share one
     eval_images: int = 0  # ShapeEval of N student images at each checkpoint (shapes-world teachers)
     batch_size: int = 16
     lr: float = 1e-5
@@ -155,6 +160,9 @@ class MsdConfig(Dmd2Config):
     width_mult: float = 1.0  # < 1: smaller students (channels scaled), warmed up by teacher score matching
     tsm_steps: int = 200  # teacher-score-matching warm-up steps for smaller students
     tsm_lr: float = 1e-4
+    # a trained one-step student folder every student starts from (its UNet); with generator_lora_rank > 0 each
+    # student is a LoRA on it, stored as its adapter alone (the folder borrows the base student's UNet)
+    student_init: str = ""
 
 
 @dataclass(frozen=True)

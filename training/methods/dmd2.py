@@ -248,7 +248,9 @@ class PoolSource:
             if not len(keep):
                 raise ValueError("the router sends none of the pool's prompts to this student")
         self.prompts = [prompts[i] for i in keep]
-        self.latents = cached_latents(pipe.vae, images[keep], Path(cfg.run_dir) / "latents.safetensors")
+        # the whole pool is encoded (and cached) whatever the route, so routed runs can share one cache
+        cache = Path(cfg.latents_cache) if cfg.latents_cache else Path(cfg.run_dir) / "latents.safetensors"
+        self.latents = cached_latents(pipe.vae, images, cache)[torch.from_numpy(keep)]
         self.rng = np.random.default_rng(seed)
 
     def sample(self, n: int) -> tuple[list[str], np.ndarray]:
@@ -315,7 +317,7 @@ def train(cfg) -> dict:
         cond, uncond = encode(texts), uncond1.repeat(cfg.batch_size)
         noise = torch.randn(shape, generator=tgen).to(acc.device)
         k = int(shared.integers(len(cfg.timesteps)))
-        gen_step = i % cfg.ratio == 0
+        gen_step = i % cfg.ratio == 0 and i >= cfg.fake_warmup
         metrics = {}
         with acc.autocast():
             with nullcontext() if gen_step else torch.no_grad():
@@ -359,11 +361,16 @@ def train(cfg) -> dict:
 
 
 def _shapes_eval(cfg, d):
-    def sample(folder: Path, at_step: int):
-        from shapes import judge, sample_spec, to_prompt
+    router = None
+    if cfg.route:  # an MSD student is judged on its own share of the prompts
+        from pipelines import msd
 
-        rng = np.random.default_rng(at_step)
-        specs = [sample_spec(rng) for _ in range(cfg.eval_images)]
+        router = msd.read(cfg.route)["router"]
+
+    def sample(folder: Path, at_step: int):
+        from shapes import judge, to_prompt
+
+        specs = PromptSource("shapes", at_step, router, cfg.route_index, d.pipe).sample(cfg.eval_images)[1]
         with torch.no_grad():
             cond = onestep.encode_prompt(d.pipe, [to_prompt(s) for s in specs], d.height, d.width)
             noise = onestep.make_noise(d.pipe, list(range(len(specs))), d.height, d.width).to(d.abar.device)
@@ -377,64 +384,98 @@ def _shapes_eval(cfg, d):
     return sample
 
 
-def export(result: dict, cfg, out_dir: str | Path) -> Path:
-    """Write the student as a diffusers folder (teacher's components, generator UNet with any LoRA merged)
-    plus onestep.json, so the registry serves it like any model."""
+def export(result: dict, cfg, out_dir: str | Path, lora_base: str | Path | None = None) -> Path:
+    """Write the student as a diffusers folder (teacher's components, generator UNet with any LoRA merged,
+    or the LoRA alone on `lora_base`'s UNet: see save_student) plus onestep.json, so the registry serves it
+    like any model."""
     d = result["distiller"]
     generator = copy.deepcopy(result["accelerator"].unwrap_model(d.generator))  # the live one keeps training
-    return save_student(d.pipe, generator, cfg, d.height, out_dir)
+    return save_student(d.pipe, generator, cfg, d.height, out_dir, lora_base)
 
 
-def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path) -> Path:
+def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path, lora_base: str | Path | None = None) -> Path:
     """The teacher pipeline `pipe` with `unet` (made fp16, LoRA fused: it is changed) in place of its UNet,
-    plus onestep.json."""
-    if getattr(unet, "_hf_peft_config_loaded", False):
+    plus onestep.json. With `lora_base` (the student folder whose UNet the LoRA generator was trained on),
+    only the adapter is written (diffusers' LoRA file) and the folder borrows that UNet ("unet_from")."""
+    out_dir = Path(out_dir)
+    lora = None
+    if lora_base is not None:
+        from peft.utils import get_peft_model_state_dict
+
+        config = unet.peft_config["generator"]  # peft's key names: diffusers' old ones lose the attention layers
+        layers = get_peft_model_state_dict(unet, adapter_name="generator")
+        lora = {"unet_lora_layers": {k: v.to(torch.float16) for k, v in layers.items()},  # as full students: fp16
+                "unet_lora_adapter_metadata": {"r": config.r, "lora_alpha": config.lora_alpha,
+                                               "target_modules": sorted(config.target_modules)}}
+    elif getattr(unet, "_hf_peft_config_loaded", False):
         unet.fuse_lora()
         unet.unload_lora()
-    unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
     teacher_unet = pipe.unet
-    pipe.unet = unet
+    if lora is None:
+        unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
+        pipe.unet = unet
     try:
-        pipe.save_pretrained(Path(out_dir), safe_serialization=True)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
     finally:
         pipe.unet = teacher_unet
+    if lora is not None:
+        shutil.rmtree(out_dir / "unet")
+        type(pipe).save_lora_weights(out_dir, safe_serialization=True, **lora)
     drop_local_paths(out_dir)
     teacher = registry.get(cfg.teacher)
-    # a teacher folder that is a registry model is recorded by its id (valid from any working directory)
-    named = next((m.id for m in registry.MODELS.values() if m.is_local and teacher.is_local
-                  and m.path.resolve() == teacher.path.resolve()), cfg.teacher)
-    meta = {"role": "student", "teacher": named, "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps),
-            "resolution": resolution, "method": "dmd2"}
+    meta = {"role": "student", "teacher": teacher_name(cfg.teacher), "steps": len(cfg.timesteps),
+            "timesteps": list(cfg.timesteps), "resolution": resolution, "method": "dmd2"}
     meta_path = Path(out_dir) / "onestep.json"
     old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if "nct" in old:  # re-exporting a student keeps its NCT adapters (the recipe's nct stage follows)
         meta["nct"] = old["nct"]
     meta_path.write_text(json.dumps(meta, indent=2))
+    if lora_base is not None:
+        borrow(out_dir, "unet_from", lora_base)
     if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
         share_components(out_dir, teacher.path)
     return Path(out_dir)
+
+
+def teacher_name(teacher: str) -> str:
+    """How a student records its teacher: a folder that is a registry model by its id (valid from any
+    working directory), anything else as given."""
+    spec = registry.get(teacher)
+    return next((m.id for m in registry.MODELS.values() if m.is_local and spec.is_local
+                 and m.path.resolve() == spec.path.resolve()), teacher)
 
 
 def share_components(folder: str | Path, source: str | Path) -> None:
     """Drop `folder`'s copies of the components it shares with the model folder `source` and record
     "components_from" (relative) in its onestep.json, so loading takes them from `source`
     (registry.component_folder). Also re-points a folder that was copied elsewhere (`source` resolved)."""
-    folder, source = Path(folder), Path(source).resolve()
+    folder = Path(folder)
     for name in registry.SHARED_COMPONENTS:
-        if (source / name).is_dir():
+        if (Path(source) / name).is_dir():
             shutil.rmtree(folder / name, ignore_errors=True)
-    meta = json.loads((folder / "onestep.json").read_text())
-    meta["components_from"] = os.path.relpath(source, folder.resolve())
-    (folder / "onestep.json").write_text(json.dumps(meta, indent=2))
+    borrow(folder, "components_from", source)
+
+
+def borrow(folder: str | Path, key: str, source: str | Path) -> None:
+    """Record in `folder`'s onestep.json that `key` ("components_from", "unet_from") is the folder `source`,
+    as a path relative to `folder` (see registry.component_folder)."""
+    meta_path = Path(folder) / "onestep.json"
+    meta = json.loads(meta_path.read_text())
+    meta[key] = os.path.relpath(Path(source).resolve(), Path(folder).resolve())
+    meta_path.write_text(json.dumps(meta, indent=2))
 
 
 def copy_folder(src: str | Path, dst: str | Path) -> Path:
-    """Copy a model folder; a student that borrows its teacher's components keeps borrowing them."""
+    """Copy a model folder; a student that borrows its teacher's components (or another student's UNet)
+    keeps borrowing them."""
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst, dirs_exist_ok=True)
     source = registry.component_folder(src, "vae").parent
     if source != src:
         share_components(dst, source)
+    base = registry.component_folder(src, "unet").parent
+    if base != src:
+        borrow(dst, "unet_from", base)
     return dst
 
 

@@ -13,6 +13,11 @@ Smaller students (channels x `width_mult`) are first warmed up by teacher score 
 
 on noised latents (renders of the shapes world; the teacher's own one-step estimates otherwise),
 then distilled with DMD2 like full-size ones.
+
+Or (`student_init`, our variant for a small storage budget) every student starts from one trained
+one-step student and trains a LoRA of its UNet with DMD2 on its own share of the prompts; each is
+stored as its adapter alone and borrows the shared UNet. A fresh fake score (the teacher) is first
+fitted to the starting student's samples for `fake_warmup` steps, so its first gradients are sound.
 """
 from __future__ import annotations
 
@@ -57,10 +62,12 @@ def tsm_folder(cfg, index: int) -> Path:
 
 
 def student_config(cfg, index: int) -> Dmd2Config:
-    """Student `index`'s DMD2 run: its own run folder, its share of the prompts, its warm start."""
+    """Student `index`'s DMD2 run: its own run folder, its share of the prompts, its warm start (a smaller
+    student's TSM warm-up, or the UNet of `student_init`); the GAN pool's latents are encoded once for all."""
+    init = str(tsm_folder(cfg, index)) if cfg.width_mult < 1 else cfg.student_init and f"{cfg.student_init}/unet"
     return dataclasses.replace(_as_dmd2(cfg), run_dir=str(Path(cfg.run_dir) / f"student-{index}"),
-                               route=str(Path(cfg.run_dir) / "model"), route_index=index,
-                               generator_init=str(tsm_folder(cfg, index)) if cfg.width_mult < 1 else "")
+                               route=str(Path(cfg.run_dir) / "model"), route_index=index, generator_init=init,
+                               latents_cache=str(Path(cfg.run_dir) / "latents.safetensors"))
 
 
 def tsm(cfg, d: dmd2.Distiller, index: int, router_dir: Path) -> Path:
@@ -121,14 +128,17 @@ def _as_dmd2(cfg) -> Dmd2Config:
 
 def train(cfg) -> dict:
     """Train every student (resumable one by one) and assemble the MSD folder in run_dir/model."""
+    if cfg.student_init and cfg.width_mult < 1:
+        raise ValueError("student_init starts every student from a trained student; it cannot be combined with "
+                         "width_mult < 1 (smaller students start from teacher score matching)")
     model_dir = Path(cfg.run_dir) / "model"
     probe = dmd2.Distiller(_as_dmd2(cfg), "cpu")
     router = make_router(cfg, probe)
     k = len(router["groups"]) if router["type"] == "category" else cfg.num_students
     students = [f"student-{i}" for i in range(k)]
     model_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"router": router, "students": students, "teacher": cfg.teacher, "steps": len(cfg.timesteps),
-            "timesteps": list(cfg.timesteps), "resolution": probe.height, "method": "msd"}
+    meta = {"router": router, "students": students, "teacher": dmd2.teacher_name(cfg.teacher),
+            "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps), "resolution": probe.height, "method": "msd"}
     (model_dir / msd.MSD_FILE).write_text(json.dumps(meta, indent=2))
     result: dict = {"finished": True, "students": k}
     for i, name in enumerate(students):
@@ -141,7 +151,8 @@ def train(cfg) -> dict:
         result.update({f"{name}_{key}": v for key, v in res.items() if isinstance(v, float)})
         if not res["finished"]:
             return {**result, "finished": False, "step": res["step"]}
-        dmd2.export(res, sub, model_dir / name)
+        lora_base = cfg.student_init if cfg.student_init and cfg.generator_lora_rank else None
+        dmd2.export(res, sub, model_dir / name, lora_base)
     result["step"] = cfg.steps
     result["model_dir"] = str(model_dir)
     return result

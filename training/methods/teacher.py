@@ -100,9 +100,12 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> 
 
 
 def cached_latents(vae: AutoencoderKL, images: np.ndarray, path: Path) -> torch.Tensor:
-    """`encode_latents`, computed once per run and kept beside it (safetensors), so a resume skips it."""
+    """`encode_latents`, computed once per run and kept beside it (safetensors), so a resume skips it
+    (a cache of another number of images is made again)."""
     if path.is_file():
-        return load_file(str(path))["latents"]
+        latents = load_file(str(path))["latents"]
+        if len(latents) == len(images):
+            return latents
     latents = encode_latents(vae, images)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of one run may race: last rename wins
