@@ -46,3 +46,19 @@ def test_shapes_world_membership():
     assert registry.in_shapes_world(registry.MODELS["shapes-64-teacher"])
     assert registry.in_shapes_world(registry.get(str(registry.ROOT / "assets/models/shapes-64/teacher")))
     assert not registry.in_shapes_world(registry.MODELS["stabilityai/sd-turbo"])
+
+
+def test_shipped_msd_routes_by_category_to_lora_students_on_the_one_step_student():
+    from pipelines import msd
+
+    spec = registry.MODELS["shapes-64-msd"]
+    assert registry.installed(spec)
+    meta = msd.read(spec.path)
+    student_unet = (ASSETS / "models" / "shapes-64" / "student" / "unet").resolve()
+    for name in meta["students"]:
+        assert registry.component_folder(spec.path / name, "unet") == student_unet
+        assert (spec.path / name / registry.LORA_FILE).stat().st_size < 2 * 1024 * 1024
+    res = generation.generate("shapes-64-msd", "three red circles", seed=0)
+    assert res.settings["student"] == 2 and res.settings["model"] == "shapes-64-msd"
+    img = np.asarray(res.images[0])
+    assert img.shape == (64, 64, 3) and img.std() > 1
