@@ -96,11 +96,12 @@ def _reno_config(args):
 
 def cmd_refine(args) -> int:
     from . import loading, reno
-    from .generation import save_png
+    from .generation import routed, save_png
     from .registry import get
 
-    spec = get(args.model)
-    pipe = loading.load_pipeline(args.model)
+    model_id = routed(args.model, args.prompt)[0]  # a multi-student model: the student its router picks
+    spec = get(model_id)
+    pipe = loading.load_pipeline(model_id)
     res = reno.refine(pipe, spec, args.prompt, args.rewards, seed=args.seed, steps=args.steps, config=_reno_config(args),
                       callback=None if args.json else lambda s: print(
                           f"\riteration {s.iteration + 1}: loss {s.loss:.4f}{' (best)' if s.best else ''}",

@@ -77,13 +77,14 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
 def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards,
                    device=None) -> dict:
     from . import loading, reno
+    from .generation import routed
     from .registry import get
 
-    spec = get(model_id)
-    pipe = loading.load_pipeline(model_id, device=device)
     out_dir = _output_dir(save_images)
     records, seconds, iterations = [], 0.0, 0
     for i, prompt in enumerate(prompts):
+        served = routed(model_id, prompt, device)[0]  # a multi-student model: the student its router picks
+        spec, pipe = get(served), loading.load_pipeline(served, device=device)
         spec_i = parse(prompt)
         for j in range(images_per_prompt):
             res = reno.refine(pipe, spec, prompt, rewards, seed=seed + j, steps=steps, config=config)

@@ -160,12 +160,21 @@ def free_memory() -> None:
     onestep.PROMPT_CACHE.clear()
 
 
-def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:
-    """Route the prompt to one student of a multi-student folder and run that student."""
+def routed(model_id: str, prompt: str, device=None) -> tuple[str, int | None]:
+    """(the model that serves `prompt`, its student index): for a multi-student (MSD) folder the folder
+    of the student its router picks, else (model_id, None)."""
+    spec = get(model_id)
+    if not (spec.is_local and msd.is_msd(spec.path)):
+        return model_id, None
     meta = msd.read(spec.path)
     first = loading.load_pipeline(str(spec.path / meta["students"][0]), device=device)
     index = msd.route(meta["router"], [prompt], pipe=first)[0]
-    student = str(spec.path / meta["students"][index])
+    return str(spec.path / meta["students"][index]), index
+
+
+def _generate_msd(spec, prompt: str, device=None, **kwargs) -> onestep.GenerationResult:
+    """Route the prompt to one student of a multi-student folder and run that student."""
+    student, index = routed(spec.id, prompt, device)
     res = generate(student, prompt, device=device, **kwargs)
     res.settings.update(model=spec.id, student=index)
     return res

@@ -239,9 +239,14 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype |
     if vae is not None and dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)  # SD/SDXL VAEs overflow in fp16; onestep.decode casts latents to the VAE's dtype
     if spec.lora:
-        _fuse_lora(pipe, _checked(hub_file(*spec.lora)))
-    if spec.is_local and (path / LORA_FILE).is_file():  # a LoRA student on a borrowed UNet (unet_from)
-        _fuse_lora(pipe, _checked(path / LORA_FILE))
+        pipe.load_lora_weights(str(_checked(hub_file(*spec.lora))))
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    if spec.is_local and (path / LORA_FILE).is_file():  # a LoRA student on a borrowed UNet (unet_from): UNet keys only
+        pipe.unet.load_lora_adapter(str(path), weight_name=_checked(path / LORA_FILE).name, prefix="unet",
+                                    adapter_name="student")
+        pipe.unet.fuse_lora()
+        pipe.unet.unload_lora()
     pipe.set_progress_bar_config(disable=True)
     if not cache:
         return pipe
@@ -250,12 +255,6 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype |
         while len(_CACHE) > MAX_LOADED:
             _CACHE.popitem(last=False)
     return pipe
-
-
-def _fuse_lora(pipe, path: Path) -> None:
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
 
 
 def _checked(path: Path) -> Path:

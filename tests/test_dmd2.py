@@ -193,6 +193,9 @@ def test_msd_lora_students_on_a_trained_student_store_their_adapters_alone(tmp_p
     assert torch.allclose(live, fused, atol=1e-4)
     a = generation.generate(str(out), "two blue stars", height=64, width=64)  # counting: the second student
     assert a.settings["student"] == 1 and a.images[0].size == (64, 64)
+    # ReNO and the CLI take the routed student's folder
+    assert generation.routed(str(out), "two blue stars") == (str(out / "student-1"), 1)
+    assert generation.routed(str(tiny_student), "two blue stars") == (str(tiny_student), None)
 
 
 def test_student_borrows_what_it_shares_with_its_local_teacher(tiny_student, tiny_sd, copy_model):
