@@ -243,8 +243,8 @@ def load_pipeline(model_id: str, device: str | None = None, dtype: torch.dtype |
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     if spec.is_local and (path / LORA_FILE).is_file():  # a LoRA student on a borrowed UNet (unet_from): UNet keys only
-        pipe.unet.load_lora_adapter(str(path), weight_name=_checked(path / LORA_FILE).name, prefix="unet",
-                                    adapter_name="student")
+        _checked(path / LORA_FILE)
+        pipe.unet.load_lora_adapter(str(path), weight_name=LORA_FILE, prefix="unet", adapter_name="student")
         pipe.unet.fuse_lora()
         pipe.unet.unload_lora()
     pipe.set_progress_bar_config(disable=True)

@@ -257,8 +257,7 @@ def component_folder(path: str | Path, name: str) -> Path:
     if own.is_dir() or not meta.is_file():
         return own
     data = json.loads(meta.read_text())
-    source = data.get("unet_from") if name == "unet" else None
-    source = source or data.get("components_from")
+    source = (name == "unet" and data.get("unet_from")) or data.get("components_from")
     return (Path(path) / source / name).resolve() if source else own
 
 

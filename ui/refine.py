@@ -42,11 +42,10 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
         seed = parse_seed(seed_text, False)
         flag = flag if isinstance(flag, dict) else {}  # this browser tab's cancel flag (absent for API calls)
         flag["stop"] = False
+        model_id = generation.routed(model_id, prompt, services.device)[0]  # MSD: the student its router picks
         spec = registry.get(model_id)
         if spec.role != "student":
             raise ValueError(f"{model_id} is a multi-step teacher; ReNO refines one-step (or few-step) students")
-        model_id = generation.routed(model_id, prompt, services.device)[0]  # MSD: the student its router picks
-        spec = registry.get(model_id)
         config = reno.RenoConfig(iterations=int(iterations), lr=float(lr), seconds=float(seconds or 0))
         pipe = loading.load_pipeline(model_id, device=services.device)
         job = reno.Refinement(pipe, spec, prompt, (reward_text or "").strip() or None, seed=seed, steps=int(steps),

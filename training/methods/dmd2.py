@@ -398,29 +398,19 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path, lora_bas
     plus onestep.json. With `lora_base` (the student folder whose UNet the LoRA generator was trained on),
     only the adapter is written (diffusers' LoRA file) and the folder borrows that UNet ("unet_from")."""
     out_dir = Path(out_dir)
-    lora = None
-    if lora_base is not None:
-        from peft.utils import get_peft_model_state_dict
-
-        config = unet.peft_config["generator"]  # peft's key names: diffusers' old ones lose the attention layers
-        layers = get_peft_model_state_dict(unet, adapter_name="generator")
-        lora = {"unet_lora_layers": {k: v.to(torch.float16) for k, v in layers.items()},  # as full students: fp16
-                "unet_lora_adapter_metadata": {"r": config.r, "lora_alpha": config.lora_alpha,
-                                               "target_modules": sorted(config.target_modules)}}
-    elif getattr(unet, "_hf_peft_config_loaded", False):
-        unet.fuse_lora()
-        unet.unload_lora()
     teacher_unet = pipe.unet
-    if lora is None:
-        unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
-        pipe.unet = unet
+    if lora_base is None:  # the whole UNet, any LoRA merged into it
+        if getattr(unet, "_hf_peft_config_loaded", False):
+            unet.fuse_lora()
+            unet.unload_lora()
+        pipe.unet = unet.to(torch.float16)  # half the bytes; loading casts to the run's dtype
     try:
-        pipe.save_pretrained(out_dir, safe_serialization=True)
+        pipe.save_pretrained(out_dir, safe_serialization=True)  # (with the teacher's UNet folder when lora_base)
     finally:
         pipe.unet = teacher_unet
-    if lora is not None:
+    if lora_base is not None:  # the adapter alone: the UNet is lora_base's
         shutil.rmtree(out_dir / "unet")
-        type(pipe).save_lora_weights(out_dir, safe_serialization=True, **lora)
+        _save_adapter(pipe, unet, out_dir)
     drop_local_paths(out_dir)
     teacher = registry.get(cfg.teacher)
     meta = {"role": "student", "teacher": teacher_name(cfg.teacher), "steps": len(cfg.timesteps),
@@ -435,6 +425,19 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path, lora_bas
     if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
         share_components(out_dir, teacher.path)
     return Path(out_dir)
+
+
+def _save_adapter(pipe, unet, out_dir: Path) -> None:
+    """The generator's LoRA as diffusers' LoRA file (registry.LORA_FILE), fp16 like full students, with peft's
+    key names (diffusers' older names lose the attention layers on reload) and its rank and alpha."""
+    from peft.utils import get_peft_model_state_dict
+
+    config = unet.peft_config["generator"]
+    layers = get_peft_model_state_dict(unet, adapter_name="generator")
+    type(pipe).save_lora_weights(out_dir, unet_lora_layers={k: v.to(torch.float16) for k, v in layers.items()},
+                                 unet_lora_adapter_metadata={"r": config.r, "lora_alpha": config.lora_alpha,
+                                                             "target_modules": sorted(config.target_modules)},
+                                 weight_name=registry.LORA_FILE, safe_serialization=True)
 
 
 def teacher_name(teacher: str) -> str:

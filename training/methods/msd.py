@@ -64,7 +64,10 @@ def tsm_folder(cfg, index: int) -> Path:
 def student_config(cfg, index: int) -> Dmd2Config:
     """Student `index`'s DMD2 run: its own run folder, its share of the prompts, its warm start (a smaller
     student's TSM warm-up, or the UNet of `student_init`); the GAN pool's latents are encoded once for all."""
-    init = str(tsm_folder(cfg, index)) if cfg.width_mult < 1 else cfg.student_init and f"{cfg.student_init}/unet"
+    if cfg.width_mult < 1:
+        init = str(tsm_folder(cfg, index))
+    else:
+        init = str(Path(cfg.student_init) / "unet") if cfg.student_init else ""
     return dataclasses.replace(_as_dmd2(cfg), run_dir=str(Path(cfg.run_dir) / f"student-{index}"),
                                route=str(Path(cfg.run_dir) / "model"), route_index=index, generator_init=init,
                                latents_cache=str(Path(cfg.run_dir) / "latents.safetensors"))

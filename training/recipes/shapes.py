@@ -73,6 +73,14 @@ def _warm_start(out: Path, work: Path, stage: str, key: str, folder: str = "") -
     return {key: str(path), "init_step": int(done["step"])}
 
 
+def _step_reached(run_dir: Path, warm: dict) -> int:
+    """The step a stage's run has reached: its latest complete checkpoint's, else its warm start's."""
+    from training import checkpoint
+
+    last = checkpoint.latest(run_dir)
+    return json.loads((last / "state.json").read_text())["step"] if last else warm.get("init_step", 0)
+
+
 def _overrides(pairs: list[str], stage: str) -> list[str]:
     return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
 
@@ -145,9 +153,12 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
 
         timesteps = (999,) if stage == "student" else (999, 749, 499, 249)
         warm = _warm_start(out, work, stage, "generator_init")
-        for phase in STUDENT_PHASES.get(stage, [{}]):  # a phase already passed returns at once
-            cfg = with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps,
+        phases = [with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps,
                                             **{**STUDENT, **phase}, **common, **warm), _overrides(args.set, stage))
+                  for phase in STUDENT_PHASES.get(stage, [{}])]
+        for cfg in phases:
+            if cfg is not phases[-1] and cfg.steps <= _step_reached(work / stage, warm):
+                continue  # passed; the last phase always runs (from its checkpoint at once): it exports
             res = dmd2.train(cfg)
             if not res["finished"]:
                 break
