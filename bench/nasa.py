@@ -10,7 +10,8 @@ no negative prompt, the CFG-style baseline (x0 extrapolated at `--guidance-scale
 alpha. Per mode, ShapeEval's detector reports
 
 - appears: how often the named color is in the picture (an object, or the background, of that color);
-- removed: of the cases where it appeared without a negative prompt, how often it is gone;
+- removed: of the cases where it appeared without a negative prompt, how often it is gone (also
+  counted on objects only and on the background only);
 - shapeeval: ShapeEval accuracy on what the prompt does specify (shapes and counts), and its drop
   against no negative prompt;
 
@@ -81,7 +82,7 @@ def _score(cases: list[Case], images: list[np.ndarray]) -> list[dict]:
         background, objects = detect(img)
         on_object = any(o.color == case.negative for o in objects)
         rows.append({"appears": on_object or background == case.negative, "object": on_object,
-                     "shapeeval": judge(case.prompt, img)[0]})
+                     "background": background == case.negative, "shapeeval": judge(case.prompt, img)[0]})
     return rows
 
 
@@ -93,6 +94,9 @@ def _summary(rows: list[dict], plain: list[dict] | None) -> dict:
         had = [r for r, p in zip(rows, plain) if p["appears"]]
         out["removed"] = float(np.mean([not r["appears"] for r in had])) if had else None
         out["removable_cases"] = len(had)
+        for where in ("object", "background"):  # the same, counting only objects / only the background
+            had = [r for r, p in zip(rows, plain) if p[where]]
+            out[f"removed_{where}"] = float(np.mean([not r[where] for r in had])) if had else None
         out["shapeeval_drop"] = float(np.mean([p["shapeeval"] for p in plain])) - out["shapeeval"]
     return out
 
@@ -174,12 +178,12 @@ def _alphas(text: str) -> list[float]:
 
 def _print(res: dict) -> None:
     print(f"{res['model']}: {res['images']} images per mode ({res['prompts']} color-free prompts x a named color)")
-    print(f"{'mode':<16} {'appears':>8} {'removed':>8} {'shapeeval':>10} {'drop':>7}")
+    print(f"{'mode':<16} {'appears':>8} {'removed':>8} {'objects':>8} {'backgr.':>8} {'shapeeval':>10} {'drop':>7}")
     for m in res["modes"]:
         name = {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
-        removed = "-" if m.get("removed") is None else f"{m['removed']:.3f}"
+        removed = ["-" if m.get(k) is None else f"{m[k]:.3f}" for k in ("removed", "removed_object", "removed_background")]
         drop = "-" if "shapeeval_drop" not in m else f"{m['shapeeval_drop']:+.3f}"
-        print(f"{name:<16} {m['appears']:>8.3f} {removed:>8} {m['shapeeval']:>10.3f} {drop:>7}")
+        print(f"{name:<16} {m['appears']:>8.3f} {removed[0]:>8} {removed[1]:>8} {removed[2]:>8} {m['shapeeval']:>10.3f} {drop:>7}")
     t = res["timing"]
     print(f"time per image vs plain (batch {t['batch']}): NASA x{t['nasa_ratio']:.3f} "
           f"(denoising x{t['nasa_denoising_ratio']:.3f}), CFG x{t['cfg_ratio']:.3f} "

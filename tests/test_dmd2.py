@@ -235,3 +235,46 @@ def test_embedding_router_splits_prompts_into_quadrants(tiny_sd):
     routes = msd_serving.route(router, prompts, pipe=pipe)
     assert all(0 <= r < 4 for r in routes) and len(set(routes)) >= 2
     assert msd_serving.route(router, prompts, pipe=pipe) == routes  # deterministic
+
+
+def test_nasa_t_student_steers_with_nasa_and_teacher_cfg_leaves_the_negative(tmp_path, tiny_sd, prompt_file,
+                                                                            monkeypatch):
+    from pipelines import nasa
+    from shapes import COLORS
+    from training.methods import dmd2
+
+    source = dmd2.NegativeSource("colors", 0)
+    prompts = ["a red circle left of a blue square", "a circle", "two green stars on a white background"]
+    for _ in range(20):
+        for p, neg in zip(prompts, source.sample(prompts)):
+            assert neg in COLORS and neg not in p.split()
+    alphas, negatives, real = [], [], []
+    applied = nasa.applied
+
+    def spy_applied(model, embeds, alpha, *a, **kw):
+        alphas.append(alpha)
+        negatives.append(embeds.clone())
+        return applied(model, embeds, alpha, *a, **kw)
+
+    real_x0 = dmd2.Distiller.real_x0
+
+    def spy_real(self, x_t, t, cond, uncond):
+        real.append(uncond.prompt_embeds.clone())
+        return real_x0(self, x_t, t, cond, uncond)
+
+    monkeypatch.setattr(dmd2.nasa, "applied", spy_applied)
+    monkeypatch.setattr(dmd2.Distiller, "real_x0", spy_real)
+    cfg = _cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_prob=1.0, nasa_alpha_max=0.8, steps=2)
+    res = dmd2.train(cfg)
+    assert res["finished"] and len(alphas) == 2 and all(0 < a <= 0.8 for a in alphas)
+    # the teacher's CFG extrapolated from the same negatives the student steered away from (not from "")
+    assert len(real) == 2 and all(torch.equal(r, n) for r, n in zip(real, negatives))
+    assert 0 < res["nasa_alpha"] <= 0.8
+    gen = res["distiller"].generator
+    assert not any(isinstance(m.processor, nasa.NASAAttnProcessor) for m in nasa.cross_attention_layers(gen))
+    with pytest.raises(ValueError, match="nasa_prob 2"):
+        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_prob=2.0))
+    with pytest.raises(ValueError, match="neither 'colors' nor a text file"):
+        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives=str(tmp_path / "none.txt")))
+    with pytest.raises(ValueError, match="allowed: 0 to"):
+        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_alpha_max=9.0))

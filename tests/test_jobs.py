@@ -183,6 +183,8 @@ BAD = [
     (dict(name="exports"), r"job name 'exports' is reserved"),
     (dict(settings=["prompts=/etc/passwd"]), r"prompts path /etc/passwd is outside the data roots; allowed:"),
     (dict(settings=["prompts=assets/prompts/../../README.md"]), r"outside the data roots"),
+    (dict(settings=["nasa_negatives=/etc/passwd"]), r"nasa_negatives path /etc/passwd is outside the data roots"),
+    (dict(settings=["nasa_negatives=assets/prompts"]), r"nasa_negatives .*assets/prompts is not a text file"),
     (dict(settings=["gan_weight=0.01", "prompts=assets/prompts/heldout.txt"]), r"gan_weight > 0 needs real images"),
     (dict(settings=["batch_size=1000000000"]), r"not enough memory: the job needs about .* free"),
     (dict(base="nobody/nothing"), r"base model: unknown model 'nobody/nothing'"),
@@ -216,6 +218,10 @@ def test_prompts_inside_the_data_roots_and_uploaded_text_are_accepted(runs, tiny
     cfg = catalog.build_config(catalog.get_method("dmd2"), str(tiny_sd), {"prompts": str(data / "mine.txt")},
                                runs / "x", mgr.data_roots)
     assert cfg.prompts == str((data / "mine.txt").resolve()) and cfg.teacher == str(tiny_sd)
+    for negatives, want in (("colors", "colors"), (str(data / "mine.txt"), str((data / "mine.txt").resolve()))):
+        nasa_t = catalog.build_config(catalog.get_method("dmd2"), str(tiny_sd), {"nasa_negatives": negatives},
+                                      runs / "n", mgr.data_roots)
+        assert nasa_t.nasa_negatives == want
     assert cfg.timesteps == (999,) and catalog.build_config(
         catalog.get_method("dmd2-4step"), str(tiny_sd), {}, runs / "y", mgr.data_roots).timesteps == (999, 749, 499, 249)
     need = mgr.preflight(catalog.get_method("dmd2"), cfg)

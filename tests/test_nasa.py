@@ -210,9 +210,9 @@ def test_registry_alphas_follow_the_paper():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"negative_mode": "negative"}, "allowed: nasa, cfg"), ({"nasa_alpha": 3.0}, "allowed: 0 to 2"),
-    ({"nasa_alpha": -0.1}, "allowed: 0 to 2"), ({"nasa_alpha": float("nan")}, "from 0 to 2"),
-    ({"nasa_alpha": "0.5"}, "from 0 to 2"), ({"nasa_alpha": True}, "from 0 to 2")])
+    ({"negative_mode": "negative"}, "allowed: nasa, cfg"), ({"nasa_alpha": 4.5}, "allowed: 0 to 4"),
+    ({"nasa_alpha": -0.1}, "allowed: 0 to 4"), ({"nasa_alpha": float("nan")}, "from 0 to 4"),
+    ({"nasa_alpha": "0.5"}, "from 0 to 4"), ({"nasa_alpha": True}, "from 0 to 4")])
 def test_bad_mode_or_alpha_is_a_one_line_error(tiny_sd, kwargs, match):
     spec, pipe = registry.get(str(tiny_sd)), loading.load_pipeline(str(tiny_sd))
     for call in (lambda: onestep.generate(pipe, spec, "a cat", negative_prompt="a dog", height=64, width=64, **kwargs),
@@ -233,7 +233,7 @@ def test_cli_negative_mode_and_alpha(tiny_sd, tmp_path):
     set_ = json.loads(cli(*base, "--negative-mode", "cfg", "--nasa-alpha", 0.7, "--out", tmp_path / "c.png").stdout)
     assert set_["settings"]["negative_mode"] == "cfg" and set_["settings"]["nasa_alpha"] == 0.7
     assert generation.read_settings(tmp_path / "c.png")["negative_mode"] == "cfg"
-    for args, match in ((["--negative-mode", "both"], "allowed: nasa, cfg"), (["--nasa-alpha", 5], "allowed: 0 to 2")):
+    for args, match in ((["--negative-mode", "both"], "allowed: nasa, cfg"), (["--nasa-alpha", 5], "allowed: 0 to 4")):
         proc = cli(*base, *args, check=False)
         assert proc.returncode == 2 and match in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
 
@@ -290,4 +290,9 @@ def test_removal_cases_and_scoring():
                          bench.Case("a circle", "blue", 0), bench.Case("a square", "blue", 0)], [img] * 4)
     assert [r["appears"] for r in rows] == [True, True, False, False]
     assert [r["object"] for r in rows] == [True, False, False, False]
+    assert [r["background"] for r in rows] == [False, True, False, False]
     assert [r["shapeeval"] for r in rows] == [True, True, True, False]
+    gone = bench._score([bench.Case("a circle", "red", 0), bench.Case("a circle", "white", 0)],
+                        [render("a blue circle on a white background", 0)] * 2)
+    s = bench._summary(gone, rows[:2])  # red left the object, the white background stayed
+    assert (s["removed"], s["removed_object"], s["removed_background"]) == (0.5, 1.0, 0.0)

@@ -29,7 +29,7 @@ NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or di
 # fields that name a model folder (or, for the base fields, a registry id) and a data file or folder
 MODEL_FIELDS = ("teacher", "student", "clip_dir", "vae_dir", "tokenizer_dir", "init_from", "init_unet",
                 "generator_init", "route")
-DATA_FIELDS = ("prompts", "images")
+DATA_FIELDS = ("prompts", "images", "nasa_negatives")
 POSITIVE = ("steps", "batch_size", "save_every", "log_every", "data_size")
 NON_NEGATIVE = ("warmup", "keep", "eval_images", "max_seconds", "threads", "weight_decay", "gan_weight", "tsm_steps")
 RESERVED = {"method": "the method is chosen with --method (or the Method menu)",
@@ -323,8 +323,9 @@ def check_model_folder(key: str, path: Path) -> None:
 
 
 def check_data_path(key: str, value: str, data_roots) -> str:
-    """'shapes' (the procedural world) or a file/folder inside one of the data roots."""
-    if value == "shapes":
+    """'shapes' (the procedural world; for nasa_negatives '' = off or 'colors') or a file/folder inside one of
+    the data roots."""
+    if value == "shapes" or (key == "nasa_negatives" and value in ("", "colors")):
         return value
     path = Path(str(value))
     if not path.is_absolute():
@@ -335,9 +336,9 @@ def check_data_path(key: str, value: str, data_roots) -> str:
                          f"under {', '.join(str(r) for r in roots)}")
     if not path.exists():
         raise ValueError(f"{key} path {str(value)[:120]} does not exist")
-    if key == "prompts" and not path.is_file():
-        raise ValueError(f"prompts {str(value)[:120]} is not a text file; one prompt a line")
-    if key == "prompts" and not any(ln.strip() for ln in path.read_text(errors="replace").splitlines()):
+    if key in ("prompts", "nasa_negatives") and not path.is_file():
+        raise ValueError(f"{key} {str(value)[:120]} is not a text file; one prompt a line")
+    if key in ("prompts", "nasa_negatives") and not any(ln.strip() for ln in path.read_text(errors="replace").splitlines()):
         raise ValueError(f"prompt file {path.name} holds no prompts; one prompt a line")
     return str(path.resolve())
 

@@ -144,6 +144,12 @@ class Dmd2Config(TrainConfig):
     fake_warmup: int = 0
     latents_cache: str = ""  # the GAN pool's latents file (default: in run_dir); MSD's students share one
     eval_images: int = 0  # ShapeEval of N student images at each checkpoint (shapes-world teachers)
+    # NASA-T (SNOOPI section 5.3): on a share of the generator updates the student runs NASA with a negative prompt
+    # at alpha ~ U(0, nasa_alpha_max) and the teacher's CFG steers away from that negative instead of from "".
+    # "colors": a shapes-world color the prompt does not name; else a text file of negatives, one per line
+    nasa_negatives: str = ""
+    nasa_prob: float = 0.5
+    nasa_alpha_max: float = 1.0
     batch_size: int = 16
     lr: float = 1e-5
     warmup: int = 100

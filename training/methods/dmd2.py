@@ -13,6 +13,13 @@ score's mid-block features tells noised real latents from noised generated ones
 (D: softplus(D(fake)) + softplus(-D(real)); G: softplus(-D(G(z)))). Few-step students use backward
 simulation: the training input at step k is made by running the current generator k steps from noise.
 
+NASA-T (SNOOPI, Nguyen et al., arXiv 2412.02687, v3 section 5.3; `nasa_negatives`): on a share of the
+generator updates the student samples with NASA (pipelines/nasa.py) for a negative prompt y- at
+alpha ~ U(0, alpha_max), and the real score's CFG extrapolates from y- instead of the empty prompt,
+x0_real = x0(y-) + w (x0(y) - x0(y-)), so the student learns to honour NASA at one step. The fake score
+keeps the positive prompt only (the paper found that better); those updates also skip the GAN term,
+whose real images do not avoid y-.
+
 The generator and the fake score are each a full trainable copy or a peft LoRA; a LoRA fake score
 lives on the frozen teacher itself (adapters off = real score, on = fake score). Runs on 1..N
 processes through accelerate (`accelerate launch -m training.run --config CONFIG.json`).
@@ -31,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipelines import loading, onestep, registry
+from pipelines import loading, nasa, onestep, registry
 
 from ..common import drop_local_paths, save_grid, train_loop
 
@@ -230,6 +237,37 @@ class PromptSource:
         return msd.route(self.router, [prompt], pipe=self.pipe)[0] == self.route_index
 
 
+class NegativeSource:
+    """NASA-T's negative prompts: "colors" draws a shapes-world color word the prompt does not name (so
+    it never contradicts the prompt); anything else is a text file of negatives, one per line."""
+
+    def __init__(self, spec: str, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.lines = None
+        if spec != "colors":
+            path = Path(spec)
+            if not path.is_file():
+                raise ValueError(f"nasa_negatives {spec!r} is neither 'colors' nor a text file")
+            self.lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if not self.lines:
+                raise ValueError(f"negative prompt file {spec} is empty")
+
+    def sample(self, prompts: list[str]) -> list[str]:
+        if self.lines is not None:
+            return [self.lines[i] for i in self.rng.integers(len(self.lines), size=len(prompts))]
+        from shapes import COLORS
+
+        out = []
+        for prompt in prompts:
+            free = [c for c in COLORS if c not in prompt.split()]
+            out.append(free[self.rng.integers(len(free))])
+        return out
+
+    def draw(self, prob: float, alpha_max: float) -> float:
+        """0 (this update runs without a negative) or this update's alpha."""
+        return float(self.rng.uniform(0, alpha_max)) if self.rng.random() < prob else 0.0
+
+
 class PoolSource:
     """Shapes-world prompts drawn from a cached pool together with their images' latents (encoded once
     per run), for the GAN head: its real latents match the batch's prompts with no rendering per step.
@@ -277,6 +315,11 @@ def train(cfg) -> dict:
         raise ValueError(f"timesteps {cfg.timesteps} must hold 1 to 4 values")
     if cfg.gan_weight > 0 and cfg.prompts != "shapes":
         raise ValueError("the GAN term needs real images: use prompts='shapes' or gan_weight=0")
+    if cfg.nasa_negatives and not 0 <= cfg.nasa_prob <= 1:
+        raise ValueError(f"nasa_prob {cfg.nasa_prob} is out of range; allowed: 0 to 1")
+    if cfg.nasa_negatives:
+        nasa.check_alpha(cfg.nasa_alpha_max)
+    negatives = NegativeSource(cfg.nasa_negatives, cfg.seed + 3) if cfg.nasa_negatives else None
     acc = Accelerator(mixed_precision=cfg.mixed_precision,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cfg.threads:
@@ -318,14 +361,21 @@ def train(cfg) -> dict:
         noise = torch.randn(shape, generator=tgen).to(acc.device)
         k = int(shared.integers(len(cfg.timesteps)))
         gen_step = i % cfg.ratio == 0 and i >= cfg.fake_warmup
+        alpha = negatives.draw(cfg.nasa_prob, cfg.nasa_alpha_max) if gen_step and negatives else 0.0
+        steer = nullcontext()
+        if alpha:  # NASA-T: the student steers away from y- in cross-attention, the teacher's CFG from y-
+            uncond = encode(negatives.sample(texts))
+            steer = nasa.applied(acc.unwrap_model(gen_w), uncond.prompt_embeds, alpha)
         metrics = {}
         with acc.autocast():
-            with nullcontext() if gen_step else torch.no_grad():
+            with nullcontext() if gen_step else torch.no_grad(), steer:
                 x = d.generate_x0(gen_w, noise, cond, k, tgen)
             if gen_step:
                 loss_g = d.dm_loss(x, cond, uncond, tgen)
                 gen_metrics["loss_dm"] = loss_g.item()
-                if disc_w is not None:
+                if negatives:
+                    gen_metrics["nasa_alpha"] = alpha
+                if disc_w is not None and not alpha:
                     for p in fake_params:
                         p.requires_grad_(False)
                     gan_g = F.softplus(-d.disc_logits(acc.unwrap_model(fake_w), acc.unwrap_model(disc_w), x, cond,
