@@ -149,7 +149,8 @@ class Refinement:
             scores = {name: r.score(images, [prompt]) for name, (r, _) in self.rewards.items()}
             loss = sum(w * r.loss_of(scores[name]) for name, (r, w) in self.rewards.items()).sum()
             image = onestep.to_pil(images)[0]
-            record = {"iteration": i, "rewards": {n: float(s.detach()) for n, s in scores.items()}, "loss": float(loss.detach()),
+            record = {"iteration": i, "rewards": {n: float(s.detach()) for n, s in scores.items()},
+                      "loss": float(loss.detach()),
                       "noise_norm": float(self.eps.detach().norm()), "seconds": time.perf_counter() - self._t0}
             is_best = self._best is None or record["loss"] < self._best[0]
             if is_best:
