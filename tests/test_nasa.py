@@ -250,8 +250,8 @@ def test_ui_api_takes_negative_mode_and_alpha(tiny_sd, tiny_student, tmp_path):
         client.predict(str(tiny_sd), "a cat", "a dog", "3", False, 1, 64, 1, "cfg", 0.4, api_name="/generate")
         settings = generation.read_settings(next(services.outputs.glob("*-3.png")))
         assert settings["negative_mode"] == "cfg" and settings["nasa_alpha"] == 0.4
-        with pytest.raises(Exception, match="2.5") as e:  # the slider's own bound answers first
-            client.predict(str(tiny_sd), "a cat", "a dog", "3", False, 1, 64, 1, "nasa", 2.5, api_name="/generate")
+        with pytest.raises(Exception, match="4.5") as e:  # the slider's own bound answers first
+            client.predict(str(tiny_sd), "a cat", "a dog", "3", False, 1, 64, 1, "nasa", 4.5, api_name="/generate")
         assert "\n" not in str(e.value).strip()
         pair, summary, _ = client.predict(str(tiny_student), "a red circle", "0", 1, 2, 2.0, "blue", "nasa", 0.6,
                                           api_name="/compare")
