@@ -315,11 +315,12 @@ def train(cfg) -> dict:
         raise ValueError(f"timesteps {cfg.timesteps} must hold 1 to 4 values")
     if cfg.gan_weight > 0 and cfg.prompts != "shapes":
         raise ValueError("the GAN term needs real images: use prompts='shapes' or gan_weight=0")
-    if cfg.nasa_negatives and not 0 <= cfg.nasa_prob <= 1:
-        raise ValueError(f"nasa_prob {cfg.nasa_prob} is out of range; allowed: 0 to 1")
+    negatives = None
     if cfg.nasa_negatives:
+        if not 0 <= cfg.nasa_prob <= 1:
+            raise ValueError(f"nasa_prob {cfg.nasa_prob} is out of range; allowed: 0 to 1")
         nasa.check_alpha(cfg.nasa_alpha_max)
-    negatives = NegativeSource(cfg.nasa_negatives, cfg.seed + 3) if cfg.nasa_negatives else None
+        negatives = NegativeSource(cfg.nasa_negatives, cfg.seed + 3)
     acc = Accelerator(mixed_precision=cfg.mixed_precision,
                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cfg.threads:
@@ -465,7 +466,7 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path, lora_bas
     teacher = registry.get(cfg.teacher)
     meta = {"role": "student", "teacher": teacher_name(cfg.teacher), "steps": len(cfg.timesteps),
             "timesteps": list(cfg.timesteps), "resolution": resolution, "method": "dmd2"}
-    meta_path = Path(out_dir) / "onestep.json"
+    meta_path = out_dir / "onestep.json"
     old = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if "nct" in old:  # re-exporting a student keeps its NCT adapters (the recipe's nct stage follows)
         meta["nct"] = old["nct"]
@@ -474,7 +475,7 @@ def save_student(pipe, unet, cfg, resolution: int, out_dir: str | Path, lora_bas
         borrow(out_dir, "unet_from", lora_base)
     if teacher.is_local:  # its VAE, text encoder and tokenizer are the teacher's: borrow them, don't copy
         share_components(out_dir, teacher.path)
-    return Path(out_dir)
+    return out_dir
 
 
 def _save_adapter(pipe, unet, out_dir: Path) -> None:

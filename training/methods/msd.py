@@ -144,6 +144,7 @@ def train(cfg) -> dict:
             "steps": len(cfg.timesteps), "timesteps": list(cfg.timesteps), "resolution": probe.height, "method": "msd"}
     (model_dir / msd.MSD_FILE).write_text(json.dumps(meta, indent=2))
     result: dict = {"finished": True, "students": k}
+    lora_base = cfg.student_init if cfg.student_init and cfg.generator_lora_rank else None  # adapters alone
     for i, name in enumerate(students):
         if (model_dir / name / "model_index.json").is_file():
             continue
@@ -154,7 +155,6 @@ def train(cfg) -> dict:
         result.update({f"{name}_{key}": v for key, v in res.items() if isinstance(v, float)})
         if not res["finished"]:
             return {**result, "finished": False, "step": res["step"]}
-        lora_base = cfg.student_init if cfg.student_init and cfg.generator_lora_rank else None
         dmd2.export(res, sub, model_dir / name, lora_base)
     result["step"] = cfg.steps
     result["model_dir"] = str(model_dir)
