@@ -210,6 +210,7 @@ def local_spec(path: Path, role: str = "student") -> ModelSpec:
                      teacher=extras.get("teacher"), resolution=extras.get("resolution", _native_size(Path(path))),
                      steps=extras.get("steps", 1), timesteps=tuple(extras["timesteps"]) if extras.get("timesteps") else None,
                      guidance_scale=extras.get("guidance_scale", 0.0),
+                     guidance_rescale=extras.get("guidance_rescale", 0.0),
                      nasa_alpha=extras.get("nasa_alpha", DEFAULT_NASA_ALPHA if role == "student" else 0.0),
                      controlnets=_adapters(path, extras.get("controlnets")), nct=_adapters(path, extras.get("nct")),
                      description=f"local {cls} folder")

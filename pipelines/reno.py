@@ -9,8 +9,10 @@ where the second term (in fp32, lambda = 0.01) is the negative log-density of th
 d-dimensional standard Gaussian: it keeps eps on the shell where Gaussian noise lives. As in the
 paper's code: SGD with Nesterov momentum (lr 5, momentum 0.9), the gradient norm clipped to 0.1, 50
 evaluations, and the image returned is the best over all iterates, the unoptimized start included,
-by the weighted reward loss alone. Few-step students keep their re-noising noise fixed across
-iterations (drawn exactly as `onestep.generate` draws it), so the exported noise reproduces the image.
+by the weighted reward loss alone. An update whose gradient is not finite (an fp16 overflow) is
+skipped, so one bad step cannot turn the noise into NaN for the rest of the run (the result's
+settings count them). Few-step students keep their re-noising noise fixed across iterations (drawn
+exactly as `onestep.generate` draws it), so the exported noise reproduces the image.
 
 Budgets: an iteration count and a wall-time limit, whichever ends first; `cancel` is checked after
 every iteration, so a cancel stops the run within one iteration. `Refinement` yields every iterate
@@ -129,6 +131,7 @@ class Refinement:
         self.renoise = [torch.randn(shape, generator=gen) for _ in self.timesteps[1:]]
         self.height, self.width = height, width
         self.eps = torch.nn.Parameter(noise.detach().float().clone().to(pipe.unet.device))
+        self.skipped = 0  # updates skipped for a gradient that was not finite
         self.settings = {"model": spec.id, "prompt": prompt, "steps": steps, "seed": seed, "batch_size": 1,
                          "height": height, "width": width, "timesteps": self.timesteps,
                          "reno": {**asdict(config), "rewards": {k: w for k, (_, w) in self.rewards.items()}}}
@@ -167,6 +170,9 @@ class Refinement:
                 break
             # the noise's gradient alone: the shared, cached model's weights and flags are never touched
             (grad,) = torch.autograd.grad(loss + cfg.reg_weight * noise_prior(self.eps).sum(), [self.eps])
+            if not torch.isfinite(grad).all():
+                self.skipped += 1
+                continue
             if cfg.grad_clip:  # clip the gradient norm, as ReNO does
                 grad = grad * (cfg.grad_clip / grad.norm().clamp_min(1e-12)).clamp(max=1.0)
             self.eps.grad = grad
@@ -181,7 +187,8 @@ class Refinement:
         if self._best is None:
             raise ValueError("ReNO has not run an iteration yet")
         _, it, image, noise = self._best
-        settings = {**self.settings, "reno": {**self.settings["reno"], "best_iteration": it}}
+        settings = {**self.settings, "reno": {**self.settings["reno"], "best_iteration": it,
+                                                        "skipped_updates": self.skipped}}
         return RenoResult(self._initial, image, it, noise, list(self.history), settings, self.stopped,
                           time.perf_counter() - self._t0)
 

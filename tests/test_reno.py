@@ -61,6 +61,30 @@ def test_best_iterate_not_last(student):
     assert [s.best for s in seen] == [True, True, True, False, False]
 
 
+class OverflowReward(rewards.Reward):
+    """A reward whose gradient is inf on its first evaluation (as an fp16 overflow), finite after."""
+
+    def __init__(self):
+        super().__init__(name="overflow", offset=0.0)
+        self.calls = 0
+
+    def score(self, images, prompts):
+        scale = float("inf") if self.calls == 0 else 1.0
+        self.calls += 1
+        return (images.mean() * scale).reshape(1)
+
+
+def test_non_finite_gradient_skips_the_update(student):
+    """An overflowing step is skipped: the noise stays finite and the next iterate is the same image."""
+    pipe, spec = student
+    res = reno.refine(pipe, spec, "a red circle", {"overflow": (OverflowReward(), 1.0)}, seed=3,
+                      config=reno.RenoConfig(iterations=3))
+    assert res.settings["reno"]["skipped_updates"] == 1
+    assert torch.isfinite(res.best_noise).all()
+    assert res.history[1]["noise_norm"] == res.history[0]["noise_norm"]
+    assert res.history[2]["noise_norm"] != res.history[1]["noise_norm"]
+
+
 def test_shared_model_is_left_untouched(student, clip_reward):
     """ReNO differentiates only the noise: the cached pipeline's flags and .grad stay as they were."""
     pipe, _ = student

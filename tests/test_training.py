@@ -1,4 +1,5 @@
 """Training layer: configs, atomic checkpoints, and a few real steps of each method with resume."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -135,8 +136,9 @@ def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
     vae.export(v["model"], tmp_path / "vae")
     cfg = TeacherConfig(run_dir=str(tmp_path / "run"), clip_dir=str(tmp_path / "clip"), vae_dir=str(tmp_path / "vae"),
                         steps=2, batch_size=4, block_out_channels=(16, 32, 32), data_size=16, save_every=2,
-                        log_every=1, warmup=1, eval_images=8, snr_shift=16.0)
+                        log_every=1, warmup=1, eval_images=8, snr_shift=16.0, cross_attention_levels=3)
     res = _train_twice(teacher.train, cfg, tmp_path / "run")
+    assert res["unet"].config.down_block_types == ("CrossAttnDownBlock2D",) * 3  # attention at 16x16 too
     assert (tmp_path / "run" / "samples" / "step-00000004.png").is_file()
     teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], tmp_path / "teacher",
                    res["snr_shift"])
@@ -146,6 +148,13 @@ def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     shifted = teacher.sampling_scheduler(16.0).alphas_cumprod
     assert torch.allclose(pipe.scheduler.alphas_cumprod, shifted, atol=1e-6)  # the schedule it trained on
+    # given by path, the folder is served as the multi-step teacher it is (not as a one-step student)
+    from pipelines import registry
+
+    spec = registry.get(str(tmp_path / "teacher"))
+    assert (spec.role, spec.steps, spec.guidance_scale, spec.guidance_rescale) == ("teacher", 25, 5.0, 0.7)
+    with pytest.raises(ValueError, match="cross_attention_levels"):
+        teacher.build_unet(dataclasses.replace(cfg, cross_attention_levels=4), 32, 8)
 
 
 def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_saving(tmp_path):
@@ -212,8 +221,9 @@ def test_teacher_probe_runs_variants_side_by_side_and_rejects_bad_ones(tmp_path)
 
     small = "data_size=16,batch_size=4,warmup=1,log_every=1"
     cmd = [sys.executable, "-m", "training.recipes.probe", "--out", "assets/models/shapes-64", "--work",
-           str(tmp_path), "--seconds", "2", "--prompts", "2", "--threads", "1",
-           "--variant", f"base:{small}", "--variant", f"warm16:{small},snr_shift=16,init=teacher"]
+           str(tmp_path), "--seconds", "2", "--prompts", "2", "--threads", "1", "--export", str(tmp_path / "exp"),
+           "--variant", f"base:{small},block_out_channels=[16,32,32]",
+           "--variant", f"warm16:{small},snr_shift=16,init=teacher"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((tmp_path / "probe.json").read_text())
@@ -222,6 +232,11 @@ def test_teacher_probe_runs_variants_side_by_side_and_rejects_bad_ones(tmp_path)
         assert r["steps"] >= 1 and 0 <= r["shapeeval"] <= 1 and 0 <= r["restore_snr1"] <= 1
     assert rows[1]["settings"]["snr_shift"] == 16 and "init_unet" in rows[1]["settings"]
     assert rows[0]["restore_strength"] < rows[1]["restore_strength"]  # SNR 1 comes later in the shifted schedule
+    assert rows[0]["settings"]["block_out_channels"] == [16, 32, 32]  # a list value keeps its commas
+    from pipelines import registry
+
+    for name in ("base", "warm16"):  # each variant exported as a teacher folder the registry serves by path
+        assert registry.get(str(tmp_path / "exp" / name)).role == "teacher"
     with pytest.raises(ValueError, match="bad variant setting"):
         probe.parse_variant("x:not_a_key=1")
     with pytest.raises(ValueError, match="only warm start"):

@@ -61,6 +61,18 @@ def drop_local_paths(folder: str | Path) -> None:
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def make_accelerator(cfg, **kwargs):
+    """The run's accelerate Accelerator (device, processes), with cfg.mixed_precision resolved."""
+    from accelerate import Accelerator
+
+    mode = cfg.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if mode not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision {cfg.mixed_precision!r}; allowed: auto, no, bf16, fp16")
+    return Accelerator(mixed_precision=mode, **kwargs)
+
+
 def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0,
              accelerator=None) -> None:
     """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update.
@@ -158,4 +170,4 @@ def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], di
     finally:
         if log:
             log.close()
-    return {**metrics, "step": step, "finished": step >= cfg.steps}
+    return {**{k: float(v) for k, v in metrics.items()}, "step": step, "finished": step >= cfg.steps}

@@ -30,6 +30,9 @@ class TrainConfig:
     max_seconds: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
     data_size: int = 20000  # pre-rendered (image, prompt) pairs in the cached pool
     init_step: int = 0  # a warm start's step (from a partial export): steps and LR schedule continue from it
+    # accelerate's autocast: "auto" = bf16 on a GPU that has it (weights, EMA and optimizer stay fp32), none on a
+    # CPU; or "no" | "bf16" | "fp16"
+    mixed_precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class TeacherConfig(TrainConfig):
     vae_dir: str = ""
     block_out_channels: tuple = (32, 96, 160)
     layers_per_block: int = 1
+    cross_attention_levels: int = 2  # attention at the innermost levels (2: 8x8 and 4x4; 3: 16x16 too)
     attention_head_dim: int = 4
     uncond_prob: float = 0.1  # prompt dropout, so CFG and negative prompts have something to use
     snr_gamma: float = 5.0  # min-SNR loss weighting
@@ -135,7 +139,7 @@ class Dmd2Config(TrainConfig):
     guidance_lr: float = 0.0  # fake score + discriminator LR; 0 = same as lr
     height: int = 0  # 0: the teacher's native size
     width: int = 0
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (accelerate)
+    mixed_precision: str = "no"  # fp32 by default: the students' recipe was tuned so
     route: str = ""  # MSD: train only on prompts the router in this msd.json folder sends to `route_index`
     route_index: int = -1
     generator_init: str = ""  # a UNet folder to start the generator from (e.g. a smaller TSM student)

@@ -24,7 +24,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 from shapes import COLORS, SHAPES
 from shapes.grammar import NUMBERS, PLURALS
 
-from ..common import optimize, to_tensor, train_loop
+from ..common import make_accelerator, optimize, to_tensor, train_loop
 from ..data import pool
 
 MAX_TOKENS = 24  # bos + 22 content tokens + eos
@@ -77,7 +77,8 @@ def build_model(cfg, tokenizer) -> CLIPModel:
 
 
 def continue_from(cfg, tokenizer) -> CLIPModel:
-    """A CLIP with cfg's image tower (fresh) and the text transformer + projection of cfg.init_from.
+    """A CLIP with the text transformer + projection of cfg.init_from, and its image tower too when cfg's
+    has the same shapes (training on), else a fresh one of cfg's shape (e.g. finer patches).
 
     Used to improve the image side without moving the text tower the UNets were trained on."""
     old = CLIPModel.from_pretrained(cfg.init_from, use_safetensors=True)
@@ -85,6 +86,12 @@ def continue_from(cfg, tokenizer) -> CLIPModel:
     model.text_model.load_state_dict(old.text_model.state_dict())
     if model.text_projection.weight.shape == old.text_projection.weight.shape:
         model.text_projection.load_state_dict(old.text_projection.state_dict())
+    old_vision = {**old.vision_model.state_dict(), **{f"proj.{k}": v for k, v in old.visual_projection.state_dict().items()}}
+    new_vision = {**model.vision_model.state_dict(), **{f"proj.{k}": v for k, v in model.visual_projection.state_dict().items()}}
+    if {k: v.shape for k, v in old_vision.items()} == {k: v.shape for k, v in new_vision.items()}:
+        model.vision_model.load_state_dict(old.vision_model.state_dict())
+        model.visual_projection.load_state_dict(old.visual_projection.state_dict())
+        model.logit_scale.data.copy_(old.logit_scale.data)
     if cfg.freeze_text:
         model.text_model.requires_grad_(False)
     return model
@@ -128,9 +135,7 @@ def retrieval_top1(model: CLIPModel, tokenizer, images: np.ndarray, prompts: lis
 def train(cfg) -> dict:
     """Train the tiny CLIP; cfg.tokenizer_dir must hold the tokenizer (build_tokenizer). On a GPU when
     there is one (accelerate's device)."""
-    from accelerate import Accelerator
-
-    acc = Accelerator()
+    acc = make_accelerator(cfg)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
     model = (continue_from(cfg, tokenizer) if cfg.init_from else build_model(cfg, tokenizer)).to(acc.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,7 +152,7 @@ def train(cfg) -> dict:
         loss = contrastive_loss(model_w, to_tensor(images[idx]).to(acc.device),
                                 tokenize(tokenizer, batch_prompts).to(acc.device), batch_prompts)
         optimize(opt, loss, params, accelerator=acc)
-        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+        return {"loss": loss.detach(), "lr": opt.param_groups[0]["lr"]}  # no sync: read when logged
 
     result = train_loop(cfg, {"clip": model}, {"clip": opt}, step, accelerator=acc)
     result["model"] = model

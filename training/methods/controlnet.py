@@ -22,7 +22,7 @@ from diffusers import ControlNetModel, DDPMScheduler
 
 from pipelines import control, loading, onestep, registry
 
-from ..common import optimize, train_loop
+from ..common import make_accelerator, optimize, train_loop
 from ..data import pool
 from .teacher import cached_latents
 
@@ -70,9 +70,7 @@ def train(cfg) -> dict:
         raise ValueError(control.unavailable(cfg.preprocessor))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from accelerate import Accelerator
-
-    acc = Accelerator()  # a GPU when there is one; `accelerate launch` for several
+    acc = make_accelerator(cfg)  # a GPU when there is one; `accelerate launch` for several
     device = acc.device
     pipe = loading.load_pipeline(cfg.teacher, device=str(device), dtype=torch.float32, cache=False)
     size = registry.get(cfg.teacher).resolution

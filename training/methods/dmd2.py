@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from pipelines import loading, nasa, onestep, registry
 
-from ..common import drop_local_paths, save_grid, train_loop
+from ..common import make_accelerator, drop_local_paths, save_grid, train_loop
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]
@@ -306,7 +306,6 @@ def _update(acc, loss, params, opt, *also_zero) -> None:
 
 
 def train(cfg) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     if not cfg.teacher:
@@ -321,8 +320,7 @@ def train(cfg) -> dict:
             raise ValueError(f"nasa_prob {cfg.nasa_prob} is out of range; allowed: 0 to 1")
         nasa.check_alpha(cfg.nasa_alpha_max)
         negatives = NegativeSource(cfg.nasa_negatives, cfg.seed + 3)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision,
-                      kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = Distiller(cfg, acc.device)

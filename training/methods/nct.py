@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pipelines import control, loading, onestep, registry
 
-from ..common import optimize, train_loop
+from ..common import make_accelerator, optimize, train_loop
 from .controlnet import new_controlnet  # the adapter is a ControlNet (saved by controlnet.export)
 from .dmd2 import PromptSource
 
@@ -89,9 +89,7 @@ def train(cfg) -> dict:
         raise ValueError(f"{cfg.student} is not a one-step student; NCT adapts a frozen one-step generator")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from accelerate import Accelerator
-
-    acc = Accelerator()  # a GPU when there is one; `accelerate launch` for several
+    acc = make_accelerator(cfg)  # a GPU when there is one; `accelerate launch` for several
     device = acc.device
     pipe = loading.load_pipeline(cfg.student, device=str(device), dtype=torch.float32, cache=False)
     model = Adapted(pipe, spec)

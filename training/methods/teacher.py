@@ -15,6 +15,7 @@ length without an attention mask -- exactly what `StableDiffusionPipeline.encode
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -27,12 +28,16 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from shapes import judge, sample_spec, to_prompt
 
-from ..common import drop_local_paths, optimize, save_grid, to_tensor, train_loop
+from ..common import make_accelerator, drop_local_paths, optimize, save_grid, to_tensor, train_loop
 from ..data import pool
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing",
                 clip_sample=False, steps_offset=1)
+
+
+# the teacher's sampling defaults (its registry entry and onestep.json): 25 DDIM steps, CFG 5 rescaled by 0.7
+TEACHER_DEFAULTS = {"role": "teacher", "resolution": 64, "steps": 25, "guidance_scale": 5.0, "guidance_rescale": 0.7}
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
@@ -44,12 +49,16 @@ def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
 
 
 def build_unet(cfg, cross_attention_dim: int, latent_channels: int) -> UNet2DConditionModel:
+    """The innermost `cfg.cross_attention_levels` levels get (self- and cross-) attention blocks."""
     torch.manual_seed(cfg.seed)
+    levels = len(cfg.block_out_channels)
+    if not 0 <= cfg.cross_attention_levels <= levels:
+        raise ValueError(f"cross_attention_levels={cfg.cross_attention_levels}: allowed 0 to {levels} (the UNet's levels)")
+    attn = [k >= levels - cfg.cross_attention_levels for k in range(levels)]
     return UNet2DConditionModel(
         sample_size=16, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=cfg.layers_per_block,
-        # no attention at 16x16 (the costly level on a CPU); cross-attention at 8x8 and 4x4
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         block_out_channels=tuple(cfg.block_out_channels), cross_attention_dim=cross_attention_dim,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=16)
 
@@ -129,9 +138,7 @@ def quick_eval(pipe: StableDiffusionPipeline, n: int, seed: int, steps: int = 20
 def train(cfg) -> dict:
     """Train on the device accelerate picks (a GPU when there is one); `accelerate launch` runs it on
     several, each process drawing its own batches."""
-    from accelerate import Accelerator
-
-    acc = Accelerator()
+    acc = make_accelerator(cfg)
     device = acc.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clip = CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True)
@@ -160,7 +167,7 @@ def train(cfg) -> dict:
     embeds = torch.cat([encode_text(text_encoder, tokenizer, unique[k:k + 512]) for k in range(0, len(unique), 512)]
                        + [encode_text(text_encoder, tokenizer, [""])])
     rng = np.random.default_rng(cfg.seed + 3 + 7919 * acc.process_index)
-    gen = torch.Generator().manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
+    gen = torch.Generator(device).manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
 
     def step(i):
@@ -168,8 +175,8 @@ def train(cfg) -> dict:
         z0 = latents[idx]
         dropped = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_prob).to(device)
         cond = embeds[torch.where(dropped, len(unique), prompt_rows[idx])]
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        noise = torch.randn(z0.shape, generator=gen, device=device)
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen, device=device)
         zt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
         pred = unet_w(zt, t, cond).sample
@@ -178,7 +185,7 @@ def train(cfg) -> dict:
         decay = min(cfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
-        return {"loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+        return {"loss": loss.detach(), "lr": opt.param_groups[0]["lr"]}  # no sync: read when logged
 
     def sample(folder: Path, at_step: int):
         ema.eval()
@@ -202,3 +209,5 @@ def export(unet, vae, text_encoder, tokenizer, out_dir: str | Path, snr_shift: f
     make_pipeline(half_unet, half_vae, text_encoder, tokenizer, snr_shift).save_pretrained(Path(out_dir),
                                                                                         safe_serialization=True)
     drop_local_paths(out_dir)
+    # how the registry serves the folder when it is given by path: a multi-step teacher, not a one-step student
+    (Path(out_dir) / "onestep.json").write_text(json.dumps(TEACHER_DEFAULTS, indent=2) + "\n")

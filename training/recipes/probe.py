@@ -1,11 +1,12 @@
 """Teacher probes: train variants of the shapes-64 teacher for the same wall time, side by side, and
 measure what each learned -- to choose a recipe before spending a long run on it.
 
-    python -m training.recipes.probe --out assets/models/shapes-64 --seconds 150 \\
-        --variant base --variant shift16:snr_shift=16 --variant warm16:snr_shift=16,init=teacher
+    python -m training.recipes.probe --out assets/models/shapes-64 --seconds 150 [--export DIR] \\
+        --variant base --variant shift16:snr_shift=16 --variant warm16:snr_shift=16,init=teacher \\
+        --variant attn:block_out_channels=[64,128,128],cross_attention_levels=3
 
 A variant is NAME[:key=value,...] with TeacherConfig keys (`init=teacher` warm-starts from OUT/teacher's
-UNet). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
+UNet). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME. The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
 WORK/probe-NAME, each from its first step. Each reports its steps, final loss and two ShapeEval pass
 rates on the same fixed prompts and seeds:
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,17 +37,19 @@ def parse_variant(text: str) -> tuple[str, dict]:
         raise ValueError(f"variant name {name!r}: use letters, digits, '-' and '_'")
     allowed = set(field_names(TeacherConfig)) | {"init"}
     changes = {}
-    for pair in filter(None, rest.split(",")):
+    for pair in filter(None, re.split(r",(?=\w+=)", rest)):  # a list value keeps its commas
         key, sep, raw = pair.partition("=")
         if not sep or key not in allowed:
             raise ValueError(f"bad variant setting {pair!r}: expected key=value with key one of {sorted(allowed)}")
-        changes[key] = parse_value(raw)
+        value = parse_value(raw)
+        changes[key] = tuple(value) if isinstance(value, list) else value
     if changes.get("init", "teacher") != "teacher":
         raise ValueError(f"init={changes['init']!r}: the only warm start offered is init=teacher")
     return name, changes
 
 
-def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, threads: int, prompts: int) -> dict:
+def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, threads: int, prompts: int,
+            export: Path | None = None) -> dict:
     import numpy as np
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -60,6 +64,8 @@ def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, thr
     cfg = TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), run_dir=str(work / f"probe-{name}"),
                         max_seconds=seconds, threads=threads, **{**DEFAULTS, **changes})
     res = teacher.train(cfg)
+    if export is not None:
+        teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], export / name, cfg.snr_shift)
     pipe = teacher.make_pipeline(res["unet"].eval(), res["vae"], res["text_encoder"], res["tokenizer"], cfg.snr_shift)
     rng = np.random.default_rng(123)
     specs = [sample_spec(rng) for _ in range(prompts)]
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=150.0, help="training wall time of every variant")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per variant (0: torch's default)")
     ap.add_argument("--prompts", type=int, default=128, help="prompts (one image each) for both measures")
+    ap.add_argument("--export", default=None, help="save each variant as a teacher pipeline folder EXPORT/NAME")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this variant here
     args = ap.parse_args(argv)
     out, work = Path(args.out), Path(args.work).expanduser()
@@ -102,10 +109,13 @@ def main(argv=None) -> int:
         ap.error("variant names must differ")
     if args.one is not None:
         name, changes = next(v for v in variants if v[0] == args.one)
-        print(json.dumps(run_one(name, changes, out, work, args.seconds, args.threads, args.prompts)), flush=True)
+        export = Path(args.export) if args.export else None
+        print(json.dumps(run_one(name, changes, out, work, args.seconds, args.threads, args.prompts, export)),
+              flush=True)
         return 0
     base = [sys.executable, "-m", "training.recipes.probe", "--out", str(out), "--work", str(work),
             "--seconds", str(args.seconds), "--threads", str(args.threads), "--prompts", str(args.prompts),
+            *(["--export", args.export] if args.export else []),
             *[a for v in args.variant for a in ("--variant", v)]]
     procs = [subprocess.Popen([*base, "--one", name], stdout=subprocess.PIPE, text=True) for name, _ in variants]
     results = []
