@@ -178,6 +178,7 @@ def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_sav
 
 def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     from diffusers import DiffusionPipeline
+    from transformers import CLIPModel
 
     from training.recipes import shapes as recipe
 
@@ -209,6 +210,20 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     shutil.rmtree(tmp_path / "work" / "student")
     assert recipe.main(args + student) == 0
     assert _metric_steps(tmp_path / "work" / "student") == [2]
+    # the CLIP image tower's phases resume one run (the text tower stays the teacher's), then a fresh
+    # machine continues the exported tower from its recorded step instead of training it again
+    vision = [a for t in ("steps=2", "batch_size=4", "hidden_size=32", "layers=1", "heads=2", "data_size=16",
+                          "warmup=1", "log_every=1") for a in ("--set", f"clip_vision.{t}")] + ["--stages", "clip_vision"]
+    text_before = CLIPModel.from_pretrained(tmp_path / "out" / "clip").text_model.state_dict()
+    assert recipe.main(args + vision) == 0
+    assert _metric_steps(tmp_path / "work" / "clip_vision") == [1, 2]
+    exported = CLIPModel.from_pretrained(tmp_path / "out" / "clip")
+    assert exported.config.vision_config.patch_size == 4
+    assert all(torch.equal(v, exported.text_model.state_dict()[k]) for k, v in text_before.items())
+    assert "retrieval_top1_of_100_exact" in json.loads((tmp_path / "out" / "recipe.json").read_text())["clip_vision"]
+    shutil.rmtree(tmp_path / "work" / "clip_vision")
+    assert recipe.main(args + vision) == 0
+    assert _metric_steps(tmp_path / "work" / "clip_vision") == []
     with pytest.raises(SystemExit):
         recipe.main(args + ["--stages", "nope"])
 

@@ -87,6 +87,18 @@ def _step_reached(run_dir: Path, warm: dict) -> int:
     return json.loads((last / "state.json").read_text())["step"] if last else warm.get("init_step", 0)
 
 
+def _run_phases(train, phases: list, run_dir: Path, warm: dict) -> dict:
+    """Train the phases of one run in order, each resuming the one before; phases already passed are
+    skipped, the last always runs (from its checkpoint at once, when done: its result exports)."""
+    for cfg in phases:
+        if cfg is not phases[-1] and cfg.steps <= _step_reached(run_dir, warm):
+            continue
+        res = {**train(cfg), "config": cfg}
+        if not res["finished"]:
+            break
+    return res
+
+
 def _overrides(pairs: list[str], stage: str) -> list[str]:
     return [p.split(".", 1)[1] for p in pairs if p.startswith(stage + ".")]
 
@@ -121,15 +133,10 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import clip
 
         warm = _warm_start(out, work, stage, "init_from", "clip")  # the committed tower, at its recorded step
-        phases = [with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), init_from=str(out / "clip"),
-                                            freeze_text=True, patch_size=4, **{**common, **phase, **warm}),
+        phases = [with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), freeze_text=True, patch_size=4,
+                                            **{"init_from": str(out / "clip"), **common, **phase, **warm}),
                                  _overrides(args.set, stage)) for phase in CLIP_VISION_PHASES]
-        for cfg in phases:
-            if cfg is not phases[-1] and cfg.steps <= _step_reached(work / stage, warm):
-                continue
-            res = clip.train(cfg)
-            if not res["finished"]:
-                break
+        res = _run_phases(clip.train, phases, work / stage, warm)
         return _finish_clip(res, out, args.export_partial)
     if stage == "vae":
         from training.methods import vae
@@ -169,14 +176,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         phases = [with_overrides(Dmd2Config(teacher=str(out / "teacher"), timesteps=timesteps,
                                             **{**STUDENT, **phase}, **common, **warm), _overrides(args.set, stage))
                   for phase in STUDENT_PHASES.get(stage, [{}])]
-        for cfg in phases:
-            if cfg is not phases[-1] and cfg.steps <= _step_reached(work / stage, warm):
-                continue  # passed; the last phase always runs (from its checkpoint at once): it exports
-            res = dmd2.train(cfg)
-            if not res["finished"]:
-                break
+        res = _run_phases(dmd2.train, phases, work / stage, warm)
         if res["finished"] or args.export_partial:
-            dmd2.export(res, cfg, out / stage.replace("_", "-"))
+            dmd2.export(res, res["config"], out / stage.replace("_", "-"))
         return res
     if stage == "controlnet":  # canny ControlNet for the teacher, from the renderer's images
         from training.config import ControlNetConfig
