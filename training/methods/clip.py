@@ -86,9 +86,10 @@ def continue_from(cfg, tokenizer) -> CLIPModel:
     model.text_model.load_state_dict(old.text_model.state_dict())
     if model.text_projection.weight.shape == old.text_projection.weight.shape:
         model.text_projection.load_state_dict(old.text_projection.state_dict())
-    old_vision = {**old.vision_model.state_dict(), **{f"proj.{k}": v for k, v in old.visual_projection.state_dict().items()}}
-    new_vision = {**model.vision_model.state_dict(), **{f"proj.{k}": v for k, v in model.visual_projection.state_dict().items()}}
-    if {k: v.shape for k, v in old_vision.items()} == {k: v.shape for k, v in new_vision.items()}:
+    def vision_shapes(m):
+        return [(k, v.shape) for part in (m.vision_model, m.visual_projection) for k, v in part.state_dict().items()]
+
+    if vision_shapes(model) == vision_shapes(old):
         model.vision_model.load_state_dict(old.vision_model.state_dict())
         model.visual_projection.load_state_dict(old.visual_projection.state_dict())
         model.logit_scale.data.copy_(old.logit_scale.data)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from pipelines import loading, nasa, onestep, registry
 
-from ..common import make_accelerator, drop_local_paths, save_grid, train_loop
+from ..common import drop_local_paths, make_accelerator, save_grid, train_loop
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "time_emb_proj"]

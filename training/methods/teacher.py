@@ -28,7 +28,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from shapes import judge, sample_spec, to_prompt
 
-from ..common import make_accelerator, drop_local_paths, optimize, save_grid, to_tensor, train_loop
+from ..common import drop_local_paths, make_accelerator, optimize, save_grid, to_tensor, train_loop
 from ..data import pool
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
