@@ -46,7 +46,8 @@ STUDENT_PHASES = {"student": [dict(steps=4000), dict(steps=5000, decay_start=400
                               dict(steps=5600, decay_start=5000, min_lr_ratio=0.1, gan_weight=1e-2)]}
 # The CLIP image tower (4-px patches, text tower frozen): 3,000 steps of 256, then on at batch 512 over a pool of
 # 40,000 with its LR decaying from 3e-4 (retrieval 0.48 -> 0.61 exact, 0.58 -> 0.77 satisfying). Phases resume
-# one run, as the students' do.
+# one run, as the students' do. The shipped tower ran the second phase as two time-bounded runs warm-started from
+# its export on a lent H100, 3,750 steps in all (recipe.json), so a run here continues it from step 6,750.
 CLIP_VISION_PHASES = [dict(steps=3000), dict(steps=7000, batch_size=512, lr=3e-4, decay_start=3000, data_size=40000)]
 # The NCT adapter's plan (the committed one is a partial export at the step recipe.json records)
 NCT_STEPS = 6000
