@@ -187,8 +187,8 @@ class Refinement:
         if self._best is None:
             raise ValueError("ReNO has not run an iteration yet")
         _, it, image, noise = self._best
-        settings = {**self.settings, "reno": {**self.settings["reno"], "best_iteration": it,
-                                                        "skipped_updates": self.skipped}}
+        reno_settings = {**self.settings["reno"], "best_iteration": it, "skipped_updates": self.skipped}
+        settings = {**self.settings, "reno": reno_settings}
         return RenoResult(self._initial, image, it, noise, list(self.history), settings, self.stopped,
                           time.perf_counter() - self._t0)
 

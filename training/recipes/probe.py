@@ -6,7 +6,8 @@ measure what each learned -- to choose a recipe before spending a long run on it
         --variant attn:block_out_channels=[64,128,128],cross_attention_levels=3
 
 A variant is NAME[:key=value,...] with TeacherConfig keys (`init=teacher` warm-starts from OUT/teacher's
-UNet). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME. The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
+UNet). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME (the registry serves it
+by path). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
 WORK/probe-NAME, each from its first step. Each reports its steps, final loss and two ShapeEval pass
 rates on the same fixed prompts and seeds:
 
