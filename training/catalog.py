@@ -30,6 +30,7 @@ NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or di
 MODEL_FIELDS = ("teacher", "student", "clip_dir", "vae_dir", "tokenizer_dir", "init_from", "init_unet",
                 "generator_init", "route")
 DATA_FIELDS = ("prompts", "images", "nasa_negatives")
+TEXT_FILE_FIELDS = ("prompts", "nasa_negatives")  # data fields that name a text file, one prompt a line
 POSITIVE = ("steps", "batch_size", "save_every", "log_every", "data_size")
 NON_NEGATIVE = ("warmup", "keep", "eval_images", "max_seconds", "threads", "weight_decay", "gan_weight", "tsm_steps")
 RESERVED = {"method": "the method is chosen with --method (or the Method menu)",
@@ -336,9 +337,9 @@ def check_data_path(key: str, value: str, data_roots) -> str:
                          f"under {', '.join(str(r) for r in roots)}")
     if not path.exists():
         raise ValueError(f"{key} path {str(value)[:120]} does not exist")
-    if key in ("prompts", "nasa_negatives") and not path.is_file():
+    if key in TEXT_FILE_FIELDS and not path.is_file():
         raise ValueError(f"{key} {str(value)[:120]} is not a text file; one prompt a line")
-    if key in ("prompts", "nasa_negatives") and not any(ln.strip() for ln in path.read_text(errors="replace").splitlines()):
+    if key in TEXT_FILE_FIELDS and not any(ln.strip() for ln in path.read_text(errors="replace").splitlines()):
         raise ValueError(f"prompt file {path.name} holds no prompts; one prompt a line")
     return str(path.resolve())
 

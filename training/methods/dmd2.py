@@ -198,6 +198,14 @@ class Distiller:
         return disc(self.features.value.float())
 
 
+def read_lines(spec: str, field: str, alternative: str) -> list[str]:
+    """The non-empty lines of the text file a config `field` names (its other allowed value: `alternative`)."""
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"{field} {spec!r} is neither {alternative!r} nor a text file")
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
 class PromptSource:
     """Training prompts: the shapes sampler or a file; with a router, only one student's share."""
 
@@ -207,10 +215,7 @@ class PromptSource:
         if spec == "shapes":
             self.lines = None
         else:
-            path = Path(spec)
-            if not path.is_file():
-                raise ValueError(f"prompts {spec!r} is neither 'shapes' nor a text file")
-            self.lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            self.lines = read_lines(spec, "prompts", "shapes")
             if self.router is not None:  # a fixed file is filtered once
                 from pipelines import msd
 
@@ -245,10 +250,7 @@ class NegativeSource:
         self.rng = np.random.default_rng(seed)
         self.lines = None
         if spec != "colors":
-            path = Path(spec)
-            if not path.is_file():
-                raise ValueError(f"nasa_negatives {spec!r} is neither 'colors' nor a text file")
-            self.lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            self.lines = read_lines(spec, "nasa_negatives", "colors")
             if not self.lines:
                 raise ValueError(f"negative prompt file {spec} is empty")
 

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from pipelines import registry
 from shapes import judge, sample_spec, to_prompt
 
 from ..common import drop_local_paths, make_accelerator, optimize, save_grid, to_tensor, train_loop
@@ -36,8 +37,10 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
                 clip_sample=False, steps_offset=1)
 
 
-# the teacher's sampling defaults (its registry entry and onestep.json): 25 DDIM steps, CFG 5 rescaled by 0.7
-TEACHER_DEFAULTS = {"role": "teacher", "resolution": 64, "steps": 25, "guidance_scale": 5.0, "guidance_rescale": 0.7}
+# how an exported teacher folder is served (its onestep.json): as the registry serves the shipped one
+_SPEC = registry.MODELS["shapes-64-teacher"]
+TEACHER_DEFAULTS = {"role": "teacher", "resolution": _SPEC.resolution, "steps": _SPEC.steps,
+                    "guidance_scale": _SPEC.guidance_scale, "guidance_rescale": _SPEC.guidance_rescale}
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
