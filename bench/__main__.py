@@ -203,17 +203,20 @@ def bench_nasa(student: str, repeats: int) -> dict:
     return {engine: _timing(student, alpha, 2.0, 8, repeats, None, engine=engine) for engine in ("torch", "onnx")}
 
 
-def bench_reno(student: str, iterations: int, student_res: dict) -> dict:
+def bench_reno(student: str, student_res: dict) -> dict:
+    """The default budget with the model's default rewards, end to end: per iteration and in all."""
     from pipelines import reno
 
     spec = registry.get(student)
     pipe = loading.load_pipeline(student)
-    res = reno.refine(pipe, spec, PROMPT, None, seed=0, config=reno.RenoConfig(iterations=iterations))
+    res = reno.refine(pipe, spec, PROMPT, None, seed=0)
     per_it = res.seconds / len(res.history)
     one = {k: 1 / student_res["rows"][0][k]["images_per_s"] for k in ("torch_cached", "onnx")} \
         if student_res.get("rows") and student_res["rows"][0]["batch"] == 1 else {}
-    return {"iterations": len(res.history), "rewards": list(res.history[0]["rewards"]), "seconds_per_iteration": per_it,
-            "generation_seconds": one, **{f"ratio_vs_{k}": per_it / v for k, v in one.items()}}
+    return {"iterations": len(res.history), "rewards": res.settings["reno"]["rewards"], "seconds": res.seconds,
+            "seconds_per_iteration": per_it, "generation_seconds": one,
+            **{f"ratio_vs_{k}": per_it / v for k, v in one.items()},
+            **{f"budget_ratio_vs_{k}": res.seconds / v for k, v in one.items()}}
 
 
 def bench_control(student: str, seconds: float, repeats: int, workdir: Path) -> dict:
@@ -292,7 +295,7 @@ def run(student: str, batches: list[int], seconds: float, repeats: int, skip: se
     res["student_throughput"] = section("student", lambda: bench_student(student, batches, seconds, repeats))
     res["teacher"] = section("teacher", lambda: bench_teacher(student, batches, seconds, repeats, res["student_throughput"]))
     res["nasa"] = section("nasa", lambda: bench_nasa(student, max(2, min(5, repeats))))
-    res["reno"] = section("reno", lambda: bench_reno(student, 10, res["student_throughput"]))
+    res["reno"] = section("reno", lambda: bench_reno(student, res["student_throughput"]))
     with tempfile.TemporaryDirectory() as tmp:
         res["control"] = section("control", lambda: bench_control(student, seconds, repeats, Path(tmp)))
         res["cold_start"] = section("cold", lambda: bench_cold(student, Path(tmp)))

@@ -18,6 +18,11 @@ def _f(x, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _weights(rewards) -> str:
+    """{'clip': 0.01} -> 'clip=0.01' (older results hold a list of names)."""
+    return ", ".join(f"{k}={v:g}" for k, v in rewards.items()) if isinstance(rewards, dict) else ", ".join(rewards)
+
+
 def _missing(section: dict) -> str | None:
     if not isinstance(section, dict):
         return "not run"
@@ -91,10 +96,15 @@ def _other_rows(res: dict):
         f"{'PyTorch' if k == 'torch' else 'ONNX'}: NASA {v['nasa_ratio']:.2f}x, CFG baseline {v['cfg_ratio']:.2f}x"
         for k, v in nasa.items() if isinstance(v, dict))
     reno = res.get("reno", {})
+    engines = (("torch_cached", "cached PyTorch"), ("onnx", "ONNX"))
     yield "ReNO, seconds per iteration", _missing(reno) or (
-        f"{reno['seconds_per_iteration']:.3f} s ({reno['iterations']} iterations, reward {', '.join(reno['rewards'])})"
-        + "".join(f" = {reno[f'ratio_vs_{k}']:.0f}x one {n} generation" for k, n in
-                  (("torch_cached", "cached PyTorch"), ("onnx", "ONNX")) if f"ratio_vs_{k}" in reno))
+        f"{reno['seconds_per_iteration']:.3f} s ({reno['iterations']} iterations, rewards {_weights(reno['rewards'])})"
+        + "".join(f" = {reno[f'ratio_vs_{k}']:.0f}x one {n} generation" for k, n in engines if f"ratio_vs_{k}" in reno))
+    if "seconds" in reno:  # results from before the whole budget was timed lack it
+        yield "ReNO, the whole default budget", (
+            f"{reno['seconds']:.2f} s for {reno['iterations']} iterations"
+            + "".join(f" = {reno[f'budget_ratio_vs_{k}']:.0f}x one {n} generation" for k, n in engines
+                      if f"budget_ratio_vs_{k}" in reno))
     ctl = res.get("control", {})
     yield "ControlNet/NCT overhead (time ratio, PyTorch)", _missing(ctl) or (
         f"batch 1: {ctl['batch1']['overhead']:.2f}x, batch 4: {ctl['batch4']['overhead']:.2f}x ({ctl['model']})")

@@ -28,6 +28,10 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
 
 
+def _int_list(text: str) -> list[int]:
+    return [_int(part) for part in text.split(",") if part.strip()]
+
+
 def cmd_generate(args) -> int:
     from .generation import generate, image_settings, save_png
 
@@ -135,11 +139,14 @@ def cmd_fd(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, read_prompts
 
+    if args.budgets and not args.reno:
+        raise ValueError("--budgets judges ReNO's best iterate within each budget; add --reno")
     prompts = read_prompts(args.prompts)
     summary = evaluate(args.model, prompts, args.images_per_prompt, args.steps, args.seed, args.save_images,
                        progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True),
                        reno=_reno_config(args) if args.reno else None, rewards=args.rewards,
-                       control=args.control, control_model=args.control_model, control_scale=args.control_scale)
+                       control=args.control, control_model=args.control_model, control_scale=args.control_scale,
+                       budgets=args.budgets)
     print(file=sys.stderr)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -229,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="render a control image per prompt and report control consistency (e.g. canny)")
     _control_args(e, with_preprocessor=False)
     _reno_args(e)
+    e.add_argument("--budgets", type=_int_list, default=None, metavar="N,N,...",
+                   help="with --reno: also judge the best iterate within each of these iteration counts (e.g. 25,50)")
     e.set_defaults(func=cmd_evaluate)
 
     f = sub.add_parser("fd", help="Fréchet distance (tiny CLIP image features) between two evaluate folders")

@@ -32,11 +32,14 @@ def check_prompts(prompts: list[str], where: str) -> list[str]:
 
 def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, steps: int | None = None, seed: int = 0,
              save_images: str | Path | None = None, progress=None, reno=None, rewards=None, control: str | None = None,
-             control_model: str = "auto", control_scale: float = 1.0, device: str | None = None) -> dict:
+             control_model: str = "auto", control_scale: float = 1.0, device: str | None = None,
+             budgets: list[int] | None = None) -> dict:
     """Generate and judge; image j of prompt i uses seed + j (the same noise for every prompt).
 
     `reno` (a RenoConfig) refines every image with `rewards` (None: the model's defaults); the summary
-    then holds the refined images' scores, `plain` the unrefined starts', and the ReNO seconds.
+    then holds the refined images' scores, `plain` the unrefined starts', and the ReNO seconds; with
+    `budgets` (iteration counts up to reno.iterations) also the scores of the best iterate found within
+    each of those budgets, from the same runs.
     `control` (a preprocessor, e.g. "canny") renders a layout for every image from its prompt (seed
     10000 + image number), generates from its map, and adds control consistency to the summary."""
     from .generation import generate
@@ -47,7 +50,7 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
 
     if reno is not None:
         return _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, reno, rewards,
-                              device)
+                              device, budgets)
 
     specs = [parse(p) for p in prompts]
     out_dir = _output_dir(save_images)
@@ -75,11 +78,14 @@ def evaluate(model_id: str, prompts: list[str], images_per_prompt: int = 4, step
 
 
 def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, config, rewards,
-                   device=None) -> dict:
+                   device=None, budgets=None) -> dict:
     from . import loading, reno
     from .generation import routed
     from .registry import get
 
+    budgets = sorted(set(budgets or ()))
+    if not all(1 <= b <= config.iterations for b in budgets):
+        raise ValueError(f"budgets {budgets} must be iteration counts from 1 to the run's {config.iterations}")
     out_dir = _output_dir(save_images)
     records, seconds, iterations = [], 0.0, 0
     for i, prompt in enumerate(prompts):
@@ -87,14 +93,24 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
         spec, pipe = get(served), loading.load_pipeline(served, device=device)
         spec_i = parse(prompt)
         for j in range(images_per_prompt):
-            res = reno.refine(pipe, spec, prompt, rewards, seed=seed + j, steps=steps, config=config)
+            within, best = {}, []  # the best iterate so far, judged where a budget ends
+
+            def judge_budgets(step):
+                if step.best:
+                    best[:] = [step.image]
+                if step.iteration + 1 in budgets:
+                    within[str(step.iteration + 1)] = judge(spec_i, np.asarray(best[0].convert("RGB")))[0]
+
+            res = reno.refine(pipe, spec, prompt, rewards, seed=seed + j, steps=steps, config=config,
+                              callback=judge_budgets if budgets else None)
             seconds += res.seconds
             iterations += len(res.history)
             plain_ok, plain_reason = judge(spec_i, np.asarray(res.initial.convert("RGB")))
             ok, reason = judge(spec_i, np.asarray(res.best.convert("RGB")))
             records.append({"prompt_index": i, "image_index": j, "prompt": prompt, "category": spec_i.category,
                             "passed": ok, "reason": reason, "plain_passed": plain_ok, "plain_reason": plain_reason,
-                            "best_iteration": res.best_iteration, "seconds": res.seconds})
+                            "best_iteration": res.best_iteration, "seconds": res.seconds,
+                            **({"within": within} if budgets else {})})
             if out_dir:
                 res.initial.save(out_dir / f"{i}_{j}_plain.png")
                 res.best.save(out_dir / f"{i}_{j}_reno.png")
@@ -104,7 +120,10 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
                     reno={"iterations": config.iterations, "lr": config.lr, "seconds_budget": config.seconds,
                           "rewards": rewards, "mean_seconds_per_image": seconds / max(len(records), 1),
                           "mean_seconds_per_iteration": seconds / max(iterations, 1)},
-                    plain=summarize([r["category"] for r in records], [r["plain_passed"] for r in records]))
+                    plain=summarize([r["category"] for r in records], [r["plain_passed"] for r in records]),
+                    **({"budgets": {b: summarize([r["category"] for r in records if b in r["within"]],
+                                                 [r["within"][b] for r in records if b in r["within"]])
+                                    for b in map(str, budgets)}} if budgets else {}))
 
 
 def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, preprocessor,

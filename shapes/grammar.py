@@ -107,6 +107,43 @@ def to_prompt(spec: Spec) -> str:
     return f"{NUMBER_WORDS[spec.count]} {color}{PLURALS[a.shape]}{bg}"
 
 
+def near_misses(spec: Spec) -> list[Spec]:
+    """Every prompt spec one edit away from `spec` that an image of `spec` does not satisfy: another
+    color for a colored object or the background, another shape, relation or count, and (for two
+    colored objects) the two colors swapped, the classic attribute-binding mistake. Deterministic, in
+    a fixed order. Left out: what the grammar refuses (an object on a background of its own color) and
+    two objects of one shape, which the sampler never draws and an image of `spec` may well satisfy."""
+    import dataclasses
+
+    objs = spec.objects
+    out: list[Spec] = []
+
+    def with_object(i: int, **change) -> Spec:
+        return dataclasses.replace(spec, objects=objs[:i] + (dataclasses.replace(objs[i], **change),) + objs[i + 1:])
+
+    for i, o in enumerate(objs):
+        out += [with_object(i, shape=s) for s in SHAPES if s != o.shape]
+        if o.color:
+            out += [with_object(i, color=c) for c in COLORS if c != o.color]
+    if len(objs) == 2 and objs[0].color and objs[1].color and objs[0].color != objs[1].color:
+        out.append(dataclasses.replace(spec, objects=(dataclasses.replace(objs[0], color=objs[1].color),
+                                                      dataclasses.replace(objs[1], color=objs[0].color))))
+    if spec.relation:
+        out += [dataclasses.replace(spec, relation=r) for r in RELATIONS if r != spec.relation]
+    if spec.category == "counting":
+        out += [dataclasses.replace(spec, count=n) for n in NUMBERS.values() if n != spec.count]
+    if spec.background:
+        out += [dataclasses.replace(spec, background=c) for c in COLORS if c != spec.background]
+    return [s for s in dict.fromkeys(out) if s != spec and _well_formed(s)]
+
+
+def _well_formed(spec: Spec) -> bool:
+    """What the sampler draws: two objects of different shapes, none on a background of its color."""
+    if len(spec.objects) == 2 and spec.objects[0].shape == spec.objects[1].shape:
+        return False
+    return not (spec.background and any(o.color == spec.background for o in spec.objects))
+
+
 def sample_spec(rng, category: str | None = None, background_prob: float = 0.3,
                 color_prob: float = 0.5, exclude_pairs=HELDOUT_PAIRS) -> Spec:
     """Draw a random spec (numpy Generator `rng`) whose colored objects avoid `exclude_pairs`."""

@@ -36,7 +36,11 @@ def test_bench_every_section_on_a_shapes_student(tmp_path, shapes_student, monke
     assert te["teacher_nfe"] == 50 and te["nfe_ratio"] == 50  # 25 steps, CFG: two UNet evaluations a step
     assert all(r["speedup"] > 0 and r["speedup_over_nfe_ratio"] == pytest.approx(r["speedup"] / 50) for r in te["rows"])
     assert set(res["nasa"]) >= {"torch", "onnx"} and res["nasa"]["onnx"]["nasa_ratio"] > 0
-    assert res["reno"]["iterations"] == 10 and res["reno"]["seconds_per_iteration"] > 0
+    from pipelines.reno import RenoConfig
+
+    reno = res["reno"]  # the whole default budget, with the model's default rewards
+    assert reno["iterations"] == RenoConfig().iterations and reno["seconds"] > reno["seconds_per_iteration"] > 0
+    assert reno["budget_ratio_vs_onnx"] == pytest.approx(reno["ratio_vs_onnx"] * reno["iterations"])
     assert res["control"]["batch1"]["overhead"] > 0
     assert res["cold_start"]["torch"]["seconds"] > res["cold_start"]["torch"]["first_image_seconds"] > 0
     assert res["cold_start"]["onnx"]["seconds"] > 0
@@ -45,6 +49,7 @@ def test_bench_every_section_on_a_shapes_student(tmp_path, shapes_student, monke
     assert fl["matmul_peak"]["gflops_per_s"] > 0 and 0 < fl["rows"][0]["onnx_fraction_of_peak"]
     table = capsys.readouterr().out
     assert "ONNX Runtime img/s" in table and "tiny test student" in table and "cold start" in table
+    assert "ReNO, the whole default budget" in table
     # the README section is replaced between its markers, the rest kept
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.START}\nold table\n{report.END}\nrest\n")

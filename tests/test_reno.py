@@ -160,6 +160,40 @@ def test_missing_hub_rewards_say_what_is_missing(tiny_sd):
     assert "photographs" in rewards.missing("pickscore", shapes)
 
 
+def test_contrast_reward_prefers_the_prompt_over_its_near_misses(clip_reward, tiny_sd):
+    from pipelines.rewards.contrast import ContrastReward
+    from shapes import render
+
+    reward = ContrastReward(clip_reward.model, clip_reward.tokenizer, folder=registry.SHAPES_CLIP)
+    assert reward.candidates("two red circles")[:1] == ["two red circles"] and len(reward.candidates("two red circles")) == 17
+    image = torch.tensor(np.stack([render("a red circle", s) for s in range(4)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    right = reward.score(image, ["a red circle"] * 4)
+    wrong = reward.score(image, ["a blue circle"] * 4)
+    assert (right <= 0).all() and (right > wrong).all()  # a log-probability, higher for the true prompt
+    # a prompt outside the grammar has no near misses: score 0, no gradient
+    x = image[:1].clone().requires_grad_(True)
+    free = reward.score(x, ["a photo of a dog"])
+    assert float(free) == 0.0
+    free.sum().backward()
+    assert x.grad is None or x.grad.abs().sum() == 0
+    # ReNO's loss form and the registry: the shapes world has it, hub models are told why not
+    assert float(reward.loss_of(right)[0]) == -float(right[0])
+    assert rewards.parse_weights("clip=0.01,contrast=1") == {"clip": 0.01, "contrast": 1.0}
+    assert "shapes grammar" in rewards.missing("contrast", registry.get(str(tiny_sd)))
+    assert rewards.missing("contrast", registry.get("shapes-64")) is None
+
+
+def test_reno_raises_the_contrast_reward(student, clip_reward):
+    from pipelines.rewards.contrast import ContrastReward
+
+    pipe, spec = student
+    reward = ContrastReward(clip_reward.model, clip_reward.tokenizer, folder=registry.SHAPES_CLIP)
+    res = reno.refine(pipe, spec, "two red circles", {"contrast": (reward, 1.0)}, seed=3,
+                      config=reno.RenoConfig(iterations=8, lr=20.0))
+    scores = [h["rewards"]["contrast"] for h in res.history]
+    assert max(scores[1:]) > scores[0] and res.history[res.best_iteration]["rewards"]["contrast"] == max(scores)
+
+
 def test_preprocess_is_differentiable_and_matches_clip_input():
     x = torch.rand(2, 3, 80, 96, requires_grad=True)
     y = rewards.preprocess(x * 2 - 1, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -191,6 +225,15 @@ def test_cli_refine_and_evaluate(shapes_student, tmp_path, capsys):
                  "--reno", "--iterations", "2", "--json", str(tmp_path / "e.json")]) == 0
     summary = json.loads((tmp_path / "e.json").read_text())
     assert summary["num_images"] == 2 and "plain" in summary and summary["reno"]["iterations"] == 2
+    # budgets: the best iterate within 1 iteration is the start, within all of them the result
+    assert main(["evaluate", "--model", str(shapes_student), "--prompts", str(prompts), "--images-per-prompt", "1",
+                 "--reno", "--iterations", "3", "--budgets", "1,3", "--json", str(tmp_path / "b.json")]) == 0
+    summary = json.loads((tmp_path / "b.json").read_text())
+    assert summary["budgets"]["1"] == summary["plain"] and summary["budgets"]["3"]["overall"] == summary["overall"]
+    for bad in (["--reno", "--iterations", "3", "--budgets", "4"], ["--budgets", "2"]):
+        assert main(["evaluate", "--model", str(shapes_student), "--prompts", str(prompts), *bad,
+                     "--json", str(tmp_path / "x.json")]) == 2
+        assert "budgets" in capsys.readouterr().err
 
     assert main(["refine", "--model", str(shapes_student), "--prompt", "a red circle", "--rewards", "pickscore=1"]) == 2
     assert "photographs" in capsys.readouterr().err

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from shapes import (CATEGORIES, COLORS, SHAPES, GrammarError, detect, judge, parse, render, sample_spec, summarize,
-                    to_prompt)
+from shapes import (CATEGORIES, COLORS, SHAPES, GrammarError, detect, judge, near_misses, parse, render, sample_spec,
+                    summarize, to_prompt)
 from shapes.grammar import HELDOUT_PAIRS
 
 
@@ -32,6 +32,25 @@ def test_parser_errors_are_one_line_and_name_the_grammar(prompt):
         parse(prompt)
     msg = str(e.value)
     assert "\n" not in msg and "shapes grammar" in msg or "own color" in msg
+
+
+def test_near_misses_are_one_edit_away_and_never_satisfied():
+    """Each near miss is a grammar prompt that a faithful image of the original fails (ShapeEval on renders)."""
+    names = lambda p: {to_prompt(s) for s in near_misses(parse(p))}  # noqa: E731
+    assert names("a circle") == {f"a {s}" for s in SHAPES if s != "circle"}
+    two_red = names("two red circles")
+    assert len(two_red) == 5 + 9 + 2 and {"three red circles", "four red circles", "two blue circles"} <= two_red
+    attr = names("a red circle and a blue square on a green background")
+    assert "a blue circle and a red square on a green background" in attr  # the colors swapped
+    assert "a red circle and a blue square on a white background" in attr
+    assert not any("green circle" in p or "green square" in p or "square and" in p for p in attr)
+    assert names("a star left of a heart") >= {"a star right of a heart", "a star above a heart", "a star below a heart"}
+    rng = np.random.default_rng(2)
+    for k in range(150):
+        spec = sample_spec(rng)
+        image, misses = render(spec, k), near_misses(spec)
+        assert misses and spec not in misses and all(parse(to_prompt(m)) == m for m in misses)
+        assert not any(judge(m, image)[0] for m in misses), to_prompt(spec)
 
 
 def test_renderer_is_deterministic_and_seeded():

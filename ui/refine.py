@@ -83,7 +83,8 @@ def build_refine(services: Services, generate_tab: dict | None = None) -> dict:
 
     with gr.Tab("Refine", id="refine"):
         gr.Markdown("ReNO: gradient steps on the initial noise of a one-step student raise a reward (CLIP score "
-                    "on `shapes-64`); the best iterate is kept, the start included.")
+                    "on `shapes-64`; `contrast` scores the prompt against its near misses); the best iterate is "
+                    "kept, the start included.")
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(students, value=default, label="Student", allow_custom_value=True,

@@ -44,11 +44,14 @@ class ClipReward(Reward, torch.nn.Module):
             self._text.update(zip(todo, torch.nn.functional.normalize(feats, dim=-1)))
         return torch.stack([self._text[p] for p in prompts])
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings of images in [-1, 1], differentiable."""
         pixels = preprocess(images.to(self.model.device), self.size, self.mean, self.std).to(self.model.dtype)
         img = self.model.visual_projection(self.model.vision_model(pixel_values=pixels).pooler_output).float()
-        img = torch.nn.functional.normalize(img, dim=-1)
-        return self.scale * (img * self.text_features(prompts)).sum(-1)
+        return torch.nn.functional.normalize(img, dim=-1)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.scale * (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
 def _source(spec: ModelSpec) -> str | Path:

@@ -25,4 +25,4 @@ def build(spec: ModelSpec, device: str) -> ClipReward:
     model, tok = loading.load_clip(REPO, device=device, tokenizer_path=HUB_CLIP)
     # PickScore's reward is the model's own logit scale times the cosine
     return ClipReward(model, tok, name="pickscore", offset=30.0, folder=loading.local_folder(HUB_CLIP),
-                      scale=float(model.logit_scale.exp()))
+                      scale=float(model.logit_scale.detach().exp()))

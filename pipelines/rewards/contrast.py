@@ -1,0 +1,62 @@
+"""Contrastive CLIP reward for the shapes world: the tiny CLIP's log-probability of the prompt
+against its near misses, the prompts one edit away that the image should not satisfy,
+
+    reward(x, p) = log softmax_j( s * cos(E_image(x), E_text(p_j)) )[p],  p_j in {p} + near_misses(p),
+
+with s = exp(logit_scale), CLIP's own temperature: the InfoNCE term CLIP was trained with (Radford et
+al., 2021), each prompt scored against its hard negatives as in the tiny CLIP's training batches
+(training/methods/clip.py). The plain CLIP score's gradient pulls the image towards the prompt's
+embedding in every direction at once; this one pulls it away from the specific mistakes (another
+count, color, shape, relation, or the two objects' colors swapped), which is where one-step students
+fail. Its loss is -reward (0 when CLIP is sure). A prompt outside the grammar has no near misses and
+scores 0: no gradient, so combine it with `clip` for free text. The near misses come from the grammar
+(`shapes.near_misses`), never from ShapeEval, which stays a held-out judge.
+"""
+from __future__ import annotations
+
+import torch
+
+from shapes import GrammarError, near_misses, parse, to_prompt
+
+from .. import loading
+from ..registry import SHAPES_CLIP, ModelSpec, in_shapes_world
+from .clip import ClipReward
+
+
+class ContrastReward(ClipReward):
+    def __init__(self, model, tokenizer, folder=None):
+        super().__init__(model, tokenizer, name="contrast", offset=0.0, folder=folder,
+                         scale=float(model.logit_scale.detach().exp()))
+        self._candidates: dict[str, list[str]] = {}
+
+    def candidates(self, prompt: str) -> list[str]:
+        """The prompt first, then its near misses (just the prompt when it is outside the grammar)."""
+        if prompt not in self._candidates:
+            try:
+                self._candidates[prompt] = [prompt] + [to_prompt(s) for s in near_misses(parse(prompt))]
+            except GrammarError:
+                self._candidates[prompt] = [prompt]
+        return self._candidates[prompt]
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img = self.image_features(images)
+        out = []
+        for feat, prompt in zip(img, prompts):
+            logits = self.scale * (self.text_features(self.candidates(prompt)) @ feat)
+            out.append(torch.log_softmax(logits, dim=0)[0])
+        return torch.stack(out)
+
+
+def missing(spec: ModelSpec) -> str | None:
+    if not in_shapes_world(spec):
+        return "the contrast reward's near misses come from the shapes grammar; hub models use clip, pickscore, hpsv2, imagereward"
+    try:
+        loading.check_clip_available(SHAPES_CLIP)
+    except loading.LoadError as e:
+        return str(e)
+    return None
+
+
+def build(spec: ModelSpec, device: str) -> ContrastReward:
+    model, tok = loading.load_clip(SHAPES_CLIP, device=device)
+    return ContrastReward(model, tok, folder=loading.local_folder(SHAPES_CLIP))
