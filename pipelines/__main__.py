@@ -29,7 +29,10 @@ def _int(text: str) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    return [_int(part) for part in text.split(",") if part.strip()]
+    values = [_int(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected whole numbers separated by commas, e.g. 25,50")
+    return values
 
 
 def cmd_generate(args) -> int:

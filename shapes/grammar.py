@@ -6,7 +6,7 @@ color attribution); every prompt may end in `` on a <color> background``. Prompt
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -113,27 +113,25 @@ def near_misses(spec: Spec) -> list[Spec]:
     colored objects) the two colors swapped, the classic attribute-binding mistake. Deterministic, in
     a fixed order. Left out: what the grammar refuses (an object on a background of its own color) and
     two objects of one shape, which the sampler never draws and an image of `spec` may well satisfy."""
-    import dataclasses
-
     objs = spec.objects
     out: list[Spec] = []
 
     def with_object(i: int, **change) -> Spec:
-        return dataclasses.replace(spec, objects=objs[:i] + (dataclasses.replace(objs[i], **change),) + objs[i + 1:])
+        return replace(spec, objects=objs[:i] + (replace(objs[i], **change),) + objs[i + 1:])
 
     for i, o in enumerate(objs):
         out += [with_object(i, shape=s) for s in SHAPES if s != o.shape]
         if o.color:
             out += [with_object(i, color=c) for c in COLORS if c != o.color]
     if len(objs) == 2 and objs[0].color and objs[1].color and objs[0].color != objs[1].color:
-        out.append(dataclasses.replace(spec, objects=(dataclasses.replace(objs[0], color=objs[1].color),
-                                                      dataclasses.replace(objs[1], color=objs[0].color))))
+        out.append(replace(spec, objects=(replace(objs[0], color=objs[1].color),
+                                          replace(objs[1], color=objs[0].color))))
     if spec.relation:
-        out += [dataclasses.replace(spec, relation=r) for r in RELATIONS if r != spec.relation]
+        out += [replace(spec, relation=r) for r in RELATIONS if r != spec.relation]
     if spec.category == "counting":
-        out += [dataclasses.replace(spec, count=n) for n in NUMBERS.values() if n != spec.count]
+        out += [replace(spec, count=n) for n in NUMBERS.values() if n != spec.count]
     if spec.background:
-        out += [dataclasses.replace(spec, background=c) for c in COLORS if c != spec.background]
+        out += [replace(spec, background=c) for c in COLORS if c != spec.background]
     return [s for s in dict.fromkeys(out) if s != spec and _well_formed(s)]
 
 

@@ -40,7 +40,7 @@ def test_bench_every_section_on_a_shapes_student(tmp_path, shapes_student, monke
 
     reno = res["reno"]  # the whole default budget, with the model's default rewards
     assert reno["iterations"] == RenoConfig().iterations and reno["seconds"] > reno["seconds_per_iteration"] > 0
-    assert reno["budget_ratio_vs_onnx"] == pytest.approx(reno["ratio_vs_onnx"] * reno["iterations"])
+    assert reno["budget_ratio_vs_onnx"] > 1  # 50 gradient steps cost more than one generation
     assert res["control"]["batch1"]["overhead"] > 0
     assert res["cold_start"]["torch"]["seconds"] > res["cold_start"]["torch"]["first_image_seconds"] > 0
     assert res["cold_start"]["onnx"]["seconds"] > 0

@@ -10,7 +10,8 @@ center crop, normalise), never a PIL round trip.
     hpsv2        HPS v2.1 (OpenCLIP ViT-H-14 fine-tuned on human preferences); needs open_clip_torch
     imagereward  ImageReward v1.0 (BLIP + MLP head); needs the image-reward package
     contrast     shapes world only: the tiny CLIP's log-probability of the prompt against its near misses
-                 (the grammar's prompts one edit away: another count, color, shape, relation)
+                 (the grammar's prompts one edit away: another count, color, shape, relation or background,
+                 or two objects' colors swapped)
 
 Every model is read through pipelines/loading.py (safetensors only). A reward whose package or
 weights are missing says exactly what is missing and how to get it.
@@ -26,7 +27,7 @@ import torch
 from ..registry import ModelSpec, cache_root, in_shapes_world
 
 # name -> (module, default weight in ReNO's loss units)
-REWARDS = {"clip": 0.01, "pickscore": 0.05, "hpsv2": 5.0, "imagereward": 1.0, "contrast": 1.0}
+REWARDS = {"clip": 0.01, "pickscore": 0.05, "hpsv2": 5.0, "imagereward": 1.0, "contrast": 0.03}
 SHAPES_REWARDS = {"clip": 0.01}  # the embedded world has one reward model: its tiny CLIP
 
 
@@ -108,7 +109,7 @@ def missing(name: str, spec: ModelSpec) -> str | None:
 
 
 _CACHE: dict = {}
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # a reward may build on another (contrast on clip)
 
 
 def load(name: str, spec: ModelSpec, device: str = "cpu") -> Reward:

@@ -8,9 +8,9 @@ al., 2021), each prompt scored against its hard negatives as in the tiny CLIP's 
 (training/methods/clip.py). The plain CLIP score's gradient pulls the image towards the prompt's
 embedding in every direction at once; this one pulls it away from the specific mistakes (another
 count, color, shape, relation, or the two objects' colors swapped), which is where one-step students
-fail. Its loss is -reward (0 when CLIP is sure). A prompt outside the grammar has no near misses and
-scores 0: no gradient, so combine it with `clip` for free text. The near misses come from the grammar
-(`shapes.near_misses`), never from ShapeEval, which stays a held-out judge.
+fail. Its loss is -reward (0 when CLIP is sure). A prompt outside the grammar has no near misses: a
+one-line error says so. The near misses come from the grammar (`shapes.near_misses`), never from
+ShapeEval, which stays a held-out judge.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from shapes import GrammarError, near_misses, parse, to_prompt
 
 from .. import loading
 from ..registry import SHAPES_CLIP, ModelSpec, in_shapes_world
+from . import clip
 from .clip import ClipReward
 
 
@@ -30,15 +31,19 @@ class ContrastReward(ClipReward):
         self._candidates: dict[str, list[str]] = {}
 
     def candidates(self, prompt: str) -> list[str]:
-        """The prompt first, then its near misses (just the prompt when it is outside the grammar)."""
+        """The prompt (canonical form) first, then its near misses; a one-line error outside the grammar."""
         if prompt not in self._candidates:
             try:
-                self._candidates[prompt] = [prompt] + [to_prompt(s) for s in near_misses(parse(prompt))]
-            except GrammarError:
-                self._candidates[prompt] = [prompt]
+                spec = parse(prompt)
+            except GrammarError as e:
+                raise ValueError(f"reward contrast scores prompts of the shapes grammar (use clip for others): {e}"
+                                 ) from None
+            self._candidates[prompt] = [to_prompt(spec)] + [to_prompt(s) for s in near_misses(spec)]
         return self._candidates[prompt]
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts; give one prompt per image")
         img = self.image_features(images)
         out = []
         for feat, prompt in zip(img, prompts):
@@ -49,14 +54,15 @@ class ContrastReward(ClipReward):
 
 def missing(spec: ModelSpec) -> str | None:
     if not in_shapes_world(spec):
-        return "the contrast reward's near misses come from the shapes grammar; hub models use clip, pickscore, hpsv2, imagereward"
-    try:
-        loading.check_clip_available(SHAPES_CLIP)
-    except loading.LoadError as e:
-        return str(e)
-    return None
+        from . import REWARDS
+
+        others = ", ".join(name for name in REWARDS if name != "contrast")
+        return f"the contrast reward's near misses come from the shapes grammar; hub models use {others}"
+    return clip.missing(spec)
 
 
 def build(spec: ModelSpec, device: str) -> ContrastReward:
-    model, tok = loading.load_clip(SHAPES_CLIP, device=device)
-    return ContrastReward(model, tok, folder=loading.local_folder(SHAPES_CLIP))
+    from . import load
+
+    tower = load("clip", spec, device)  # the CLIP reward's model, loaded once per process
+    return ContrastReward(tower.model, tower.tokenizer, folder=loading.local_folder(SHAPES_CLIP))
