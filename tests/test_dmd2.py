@@ -190,7 +190,9 @@ def test_msd_lora_students_on_a_trained_student_store_their_adapters_alone(tmp_p
                                                       / "model-generator.safetensors"))
     with torch.no_grad():
         live = generator(x, 999, encoder_hidden_states=emb).sample
-    assert torch.allclose(live, fused, atol=1e-4)
+    # fused weights round differently from the unfused LoRA (by up to ~2e-4 with 2 threads on an AVX-512
+    # CPU); the LoRA's own effect is far larger than that tolerance
+    assert torch.allclose(live, fused, atol=1e-3) and (fused - plain).abs().max() > 1e-2
     a = generation.generate(str(out), "two blue stars", height=64, width=64)  # counting: the second student
     assert a.settings["student"] == 1 and a.images[0].size == (64, 64)
     # ReNO and the CLI take the routed student's folder

@@ -3,6 +3,7 @@ import json
 import pickle
 import shutil
 
+import numpy as np
 import pytest
 
 from pipelines import generation, loading, registry
@@ -134,7 +135,10 @@ def test_png_settings_round_trip(tiny_sd, tmp_path):
     assert back["seed"] == 5 and back["prompt"] == "a red circle"
     again = generation.generate(back["model"], back["prompt"], seed=back["seed"], steps=back["steps"],
                                 height=back["height"], width=back["width"])
-    assert list(again.images[0].getdata()) == list(res.images[1].getdata())
+    # the same noise and settings at batch 1 instead of 2: oneDNN may pick other kernels for another batch
+    # size, which moved one pixel by one level on an AVX-512 CPU
+    diff = np.abs(np.asarray(again.images[0], dtype=int) - np.asarray(res.images[1], dtype=int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 
 
 def test_concurrent_loads_never_leave_meta_parameters(tiny_sd, tiny_student):
