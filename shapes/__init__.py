@@ -4,5 +4,5 @@ from .grammar import (CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, GrammarError, O
 from .render import PALETTE, render
 from .shapeeval import detect, judge, summarize
 
-__all__ = ["CATEGORIES", "COLORS", "HELDOUT_PAIRS", "SHAPES", "GrammarError", "ObjectSpec", "Spec", "near_misses", "parse",
-           "sample_spec", "to_prompt", "PALETTE", "render", "detect", "judge", "summarize"]
+__all__ = ["CATEGORIES", "COLORS", "HELDOUT_PAIRS", "SHAPES", "GrammarError", "ObjectSpec", "Spec", "near_misses",
+           "parse", "sample_spec", "to_prompt", "PALETTE", "render", "detect", "judge", "summarize"]

@@ -165,8 +165,10 @@ def test_contrast_reward_prefers_the_prompt_over_its_near_misses(clip_reward, ti
     from shapes import render
 
     reward = ContrastReward(clip_reward.model, clip_reward.tokenizer, folder=registry.SHAPES_CLIP)
-    assert reward.candidates("two red circles")[:1] == ["two red circles"] and len(reward.candidates("two red circles")) == 17
-    image = torch.tensor(np.stack([render("a red circle", s) for s in range(4)])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    candidates = reward.candidates("two red circles")
+    assert candidates[0] == "two red circles" and len(candidates) == 17  # the prompt, then 5 + 9 + 2 near misses
+    pixels = np.stack([render("a red circle", s) for s in range(4)])
+    image = torch.tensor(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     right = reward.score(image, ["a red circle"] * 4)
     wrong = reward.score(image, ["a blue circle"] * 4)
     assert (right <= 0).all() and (right > wrong).all()  # a log-probability, higher for the true prompt

@@ -20,7 +20,7 @@ from shapes import GrammarError, near_misses, parse, to_prompt
 
 from .. import loading
 from ..registry import SHAPES_CLIP, ModelSpec, in_shapes_world
-from . import clip
+from . import REWARDS, clip, load  # the package is always loaded before this module
 from .clip import ClipReward
 
 
@@ -54,15 +54,11 @@ class ContrastReward(ClipReward):
 
 def missing(spec: ModelSpec) -> str | None:
     if not in_shapes_world(spec):
-        from . import REWARDS
-
         others = ", ".join(name for name in REWARDS if name != "contrast")
         return f"the contrast reward's near misses come from the shapes grammar; hub models use {others}"
     return clip.missing(spec)
 
 
 def build(spec: ModelSpec, device: str) -> ContrastReward:
-    from . import load
-
     tower = load("clip", spec, device)  # the CLIP reward's model, loaded once per process
     return ContrastReward(tower.model, tower.tokenizer, folder=loading.local_folder(SHAPES_CLIP))
