@@ -41,6 +41,10 @@ def test_lr_schedule_warms_up_holds_until_decay_start_then_decays():
     assert lr_factor(cfg, 200) == pytest.approx(0.1) and lr_factor(cfg, 500) == pytest.approx(0.1)
     plain = Dmd2Config(warmup=10, steps=110, min_lr_ratio=0.1)  # no decay_start: the decay starts after warm-up
     assert lr_factor(plain, 60) == pytest.approx(0.55)
+    # a warm start (a fresh optimizer at step 1,000) warms up again before holding and decaying
+    warm = Dmd2Config(warmup=10, steps=1200, decay_start=1100, min_lr_ratio=0.1, init_step=1000)
+    assert lr_factor(warm, 1000) == pytest.approx(0.1) and lr_factor(warm, 1009) == 1.0
+    assert lr_factor(warm, 1099) == 1.0 and lr_factor(warm, 1150) == pytest.approx(0.55)
 
 
 def test_checkpoint_is_atomic_rotates_and_skips_incomplete(tmp_path):

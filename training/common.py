@@ -88,9 +88,10 @@ def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: f
 
 
 def lr_factor(cfg, step: int) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    start = max(cfg.warmup, cfg.decay_start)
+    since = step - cfg.init_step  # a warm start's optimizer is fresh: it warms up again from its first step
+    if since < cfg.warmup:
+        return (since + 1) / cfg.warmup
+    start = max(cfg.init_step + cfg.warmup, cfg.decay_start)
     if step < start:
         return 1.0
     progress = min((step - start) / max(cfg.steps - start, 1), 1.0)

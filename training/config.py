@@ -18,7 +18,7 @@ class TrainConfig:
     steps: int = 1000  # total optimizer steps
     batch_size: int = 32
     lr: float = 1e-3
-    warmup: int = 50  # linear warm-up steps, then cosine decay to lr * min_lr_ratio
+    warmup: int = 50  # linear warm-up steps (from init_step), then cosine decay to lr * min_lr_ratio
     min_lr_ratio: float = 0.1
     decay_start: int = 0  # > warmup: the LR holds until this step, then the cosine decay runs to `steps`
     weight_decay: float = 0.0

@@ -20,8 +20,10 @@ reconstructions, teacher ShapeEval on both prompt suites) into OUT/report.json.
 OUT/recipe.json records, per stage, the accumulated wall time on this machine, the step reached and
 the stage's measured quality. `--max-minutes` stops a stage with a checkpoint after that long, so a
 long stage can run across sessions; `--export-partial` exports whatever a stopped stage has. When a
-stage's run folder is gone (a fresh machine), the teacher warm-starts from its committed partial
-export at the step recorded in recipe.json (fresh optimizer state).
+stage's run folder is gone (a fresh machine), the stage warm-starts from its committed partial
+export at the step recorded in recipe.json (a fresh optimizer, its LR warmed up again). The teacher,
+the students and the CLIP image tower train in phases (TEACHER_PHASES, ...), each resuming the run
+the phase before left; phases already passed are skipped.
 """
 from __future__ import annotations
 
@@ -49,6 +51,13 @@ STUDENT_PHASES = {"student": [dict(steps=4000), dict(steps=5000, decay_start=400
 # one run, as the students' do. The shipped tower ran the second phase as two time-bounded runs warm-started from
 # its export on a lent H100, 3,750 steps in all (recipe.json), so a run here continues it from step 6,750.
 CLIP_VISION_PHASES = [dict(steps=3000), dict(steps=7000, batch_size=512, lr=3e-4, decay_start=3000, data_size=40000)]
+# The teacher in phases, each resuming the one before. The shipped run to step 17,086 (batch 64, then 32 over a
+# 40,000-step schedule on this CPU, then batch 128 on a lent H100); then on with SD's noise schedule shifted to 16x
+# the SNR at every timestep (teacher.schedule), which suits 16x16 latents: warm from that teacher, the shift doubled
+# ShapeEval on a lent H100 in 3,175 steps of 512 (README). The second phase is sized for 2 CPU cores.
+TEACHER_PHASES = [dict(steps=17086),
+                  dict(steps=30000, snr_shift=16.0, batch_size=32, lr=4e-4, warmup=200, decay_start=17086,
+                       min_lr_ratio=0.1)]
 # The NCT adapter's plan (the committed one is a partial export at the step recipe.json records)
 NCT_STEPS = 6000
 
@@ -161,9 +170,10 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import teacher
 
         warm = _warm_start(out, work, stage, "init_unet")
-        cfg = with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common, **warm),
-                             _overrides(args.set, stage))
-        res = teacher.train(cfg)
+        phases = [with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common,
+                                               **phase, **warm), _overrides(args.set, stage))
+                  for phase in TEACHER_PHASES]
+        res = _run_phases(teacher.train, phases, work / stage, warm)
         if res["finished"] or args.export_partial:
             teacher.export(res["unet"], res["vae"], res["text_encoder"], res["tokenizer"], out / "teacher",
                            res["snr_shift"])
