@@ -58,6 +58,9 @@ CLIP_VISION_PHASES = [dict(steps=3000), dict(steps=7000, batch_size=512, lr=3e-4
 TEACHER_PHASES = [dict(steps=17086),
                   dict(steps=30000, snr_shift=16.0, batch_size=32, lr=4e-4, warmup=200, decay_start=17086,
                        min_lr_ratio=0.1)]
+# The teacher's canny ControlNet: 2,000 steps, then 1,500 more with the LR restarted and decayed again (held-out
+# edge F1 with the shift-16 teacher 0.460 -> 0.499)
+CONTROLNET_PHASES = [dict(steps=2000), dict(steps=3500, decay_start=2000)]
 # The NCT adapter's plan (the committed one is a partial export at the step recipe.json records)
 NCT_STEPS = 6000
 
@@ -195,8 +198,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.config import ControlNetConfig
         from training.methods import controlnet
 
-        cfg = with_overrides(ControlNetConfig(teacher=str(out / "teacher"), **common), _overrides(args.set, stage))
-        res = controlnet.train(cfg)
+        phases = [with_overrides(ControlNetConfig(teacher=str(out / "teacher"), **common, **phase),
+                                 _overrides(args.set, stage)) for phase in CONTROLNET_PHASES]
+        res = _run_phases(controlnet.train, phases, work / stage, {})
         if res["finished"] or args.export_partial:
             controlnet.export(res["controlnet"], out / "controlnet-canny")
         return res
