@@ -88,14 +88,14 @@ def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: f
 
 
 def lr_factor(cfg, step: int) -> float:
-    since = step - cfg.init_step  # a warm start's optimizer is fresh: it warms up again from its first step
-    if since < cfg.warmup:
-        return (since + 1) / cfg.warmup
-    start = max(cfg.init_step + cfg.warmup, cfg.decay_start)
+    """The schedule's factor at `step`; a warm start's optimizer is fresh, so its first `warmup` steps
+    ramp up to the schedule (whose shape does not depend on where the run started)."""
+    ramp = min(1.0, (step - cfg.init_step + 1) / cfg.warmup) if cfg.warmup else 1.0
+    start = max(cfg.warmup, cfg.decay_start)
     if step < start:
-        return 1.0
+        return ramp
     progress = min((step - start) / max(cfg.steps - start, 1), 1.0)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return ramp * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class StopFlag:
