@@ -56,6 +56,20 @@ def test_dmd2_one_step_updates_generator_and_exports(tmp_path, tiny_sd, prompt_f
     assert json.loads((out / "onestep.json").read_text())["nct"] == {"canny": "../nct-canny"}
 
 
+def test_fake_warmup_counts_from_a_warm_starts_step(tmp_path, tiny_sd, tiny_student, prompt_file):
+    """A generator warm-started at step 10 (a trained student, a changed teacher) waits `fake_warmup` steps
+    from there, not from step 0, while its fake score fits it."""
+    from training.methods import dmd2
+
+    start = {k: v.clone() for k, v in dmd2.Distiller(
+        _cfg(tmp_path, tiny_sd, prompt_file, generator_init=str(tiny_student / "unet")), "cpu").generator.state_dict().items()}
+    for steps, moved in ((12, False), (13, True)):  # warm-up steps 10 and 11; the generator's first update at 12
+        cfg = _cfg(tmp_path, tiny_sd, prompt_file, generator_init=str(tiny_student / "unet"), init_step=10,
+                   fake_warmup=2, steps=steps, run_dir=str(tmp_path / f"run{steps}"))
+        res = dmd2.train(cfg)
+        assert res["finished"] and _changed(start, res["distiller"].generator) is moved
+
+
 def test_dmd2_four_step_backward_simulation(tmp_path, tiny_sd_v, prompt_file):
     from training.methods import dmd2
 

@@ -143,8 +143,9 @@ class Dmd2Config(TrainConfig):
     route: str = ""  # MSD: train only on prompts the router in this msd.json folder sends to `route_index`
     route_index: int = -1
     generator_init: str = ""  # a UNet folder to start the generator from (e.g. a smaller TSM student)
-    # steps at the run's start that train only the fake score (and GAN head) on the generator's samples:
-    # a generator that starts trained (generator_init) needs a fake score fitted to it before its gradient means much
+    # steps at the run's start (from init_step on a warm start) that train only the fake score (and GAN head) on the
+    # generator's samples: a generator that starts trained (generator_init) needs a fake score fitted to it before its
+    # gradient means much
     fake_warmup: int = 0
     latents_cache: str = ""  # the GAN pool's latents file (default: in run_dir); MSD's students share one
     eval_images: int = 0  # ShapeEval of N student images at each checkpoint (shapes-world teachers)

@@ -361,7 +361,7 @@ def train(cfg) -> dict:
         cond, uncond = encode(texts), uncond1.repeat(cfg.batch_size)
         noise = torch.randn(shape, generator=tgen).to(acc.device)
         k = int(shared.integers(len(cfg.timesteps)))
-        gen_step = i % cfg.ratio == 0 and i >= cfg.fake_warmup
+        gen_step = i % cfg.ratio == 0 and i >= cfg.init_step + cfg.fake_warmup
         alpha = negatives.draw(cfg.nasa_prob, cfg.nasa_alpha_max) if gen_step and negatives else 0.0
         steer = nullcontext()
         if alpha:  # NASA-T: the student steers away from y- in cross-attention, the teacher's CFG from y-
