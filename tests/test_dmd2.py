@@ -288,6 +288,21 @@ def test_nasa_t_student_steers_with_nasa_and_teacher_cfg_leaves_the_negative(tmp
     assert 0 < res["nasa_alpha"] <= 0.8
     gen = res["distiller"].generator
     assert not any(isinstance(m.processor, nasa.NASAAttnProcessor) for m in nasa.cross_attention_layers(gen))
+    # with a teacher-side template the teacher's negative names more than the student's NASA negative
+    from pipelines import onestep
+
+    alphas.clear(), negatives.clear(), real.clear()
+    said = []
+    encode = onestep.encode_prompt
+    monkeypatch.setattr(dmd2.onestep, "encode_prompt", lambda pipe, texts, *a: said.append(list(texts)) or
+                        encode(pipe, texts, *a))
+    dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_prob=1.0, steps=1,
+                    nasa_teacher_negative="{0}, on a {0} background", run_dir=str(tmp_path / "run-template")))
+    student_neg = next(t for t in said if all(x in COLORS for x in t))
+    assert [f"{c}, on a {c} background" for c in student_neg] in said
+    assert len(real) == 1 and not torch.equal(real[0], negatives[0])
+    with pytest.raises(ValueError, match="nasa_teacher_negative"):
+        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_teacher_negative="{1}"))
     with pytest.raises(ValueError, match="nasa_prob 2"):
         dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_prob=2.0))
     with pytest.raises(ValueError, match="neither 'colors' nor a text file"):

@@ -155,6 +155,9 @@ class Dmd2Config(TrainConfig):
     nasa_negatives: str = ""
     nasa_prob: float = 0.5
     nasa_alpha_max: float = 1.0
+    # the teacher's CFG negative made from the student's: "{}" the same text; "{0}, on a {0} background" names a
+    # shapes-world color in both of its grammar slots (the teacher reads a bare color as the objects' only)
+    nasa_teacher_negative: str = "{}"
     batch_size: int = 16
     lr: float = 1e-5
     warmup: int = 100

@@ -16,7 +16,9 @@ simulation: the training input at step k is made by running the current generato
 NASA-T (SNOOPI, Nguyen et al., arXiv 2412.02687, v3 section 5.3; `nasa_negatives`): on a share of the
 generator updates the student samples with NASA (pipelines/nasa.py) for a negative prompt y- at
 alpha ~ U(0, alpha_max), and the real score's CFG extrapolates from y- instead of the empty prompt,
-x0_real = x0(y-) + w (x0(y) - x0(y-)), so the student learns to honour NASA at one step. The fake score
+x0_real = x0(y-) + w (x0(y) - x0(y-)), so the student learns to honour NASA at one step. The teacher's y- may
+name more than the student's (`nasa_teacher_negative`): a teacher reads a bare color as its objects' only,
+so "red" alone leaves (even adds) red backgrounds, while "red, on a red background" clears both. The fake score
 keeps the positive prompt only (the paper found that better); those updates also skip the GAN term,
 whose real images do not avoid y-.
 
@@ -321,6 +323,11 @@ def train(cfg) -> dict:
         if not 0 <= cfg.nasa_prob <= 1:
             raise ValueError(f"nasa_prob {cfg.nasa_prob} is out of range; allowed: 0 to 1")
         nasa.check_alpha(cfg.nasa_alpha_max)
+        try:
+            cfg.nasa_teacher_negative.format("red")
+        except (IndexError, KeyError, ValueError):
+            raise ValueError(f"nasa_teacher_negative {cfg.nasa_teacher_negative!r} must be a text with {{}} or {{0}} "
+                             "where the student's negative goes") from None
         negatives = NegativeSource(cfg.nasa_negatives, cfg.seed + 3)
     acc = make_accelerator(cfg, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if cfg.threads:
@@ -365,8 +372,11 @@ def train(cfg) -> dict:
         alpha = negatives.draw(cfg.nasa_prob, cfg.nasa_alpha_max) if gen_step and negatives else 0.0
         steer = nullcontext()
         if alpha:  # NASA-T: the student steers away from y- in cross-attention, the teacher's CFG from y-
-            uncond = encode(negatives.sample(texts))
+            negative = negatives.sample(texts)
+            uncond = encode(negative)
             steer = nasa.applied(acc.unwrap_model(gen_w), uncond.prompt_embeds, alpha)
+            if cfg.nasa_teacher_negative != "{}":
+                uncond = encode([cfg.nasa_teacher_negative.format(n) for n in negative])
         metrics = {}
         with acc.autocast():
             with nullcontext() if gen_step else torch.no_grad(), steer:
