@@ -70,3 +70,29 @@ def test_bench_bad_arguments_are_one_line(capsys):
 def test_machine_name_is_a_short_slug():
     name = machine_name()
     assert name == name.lower() and " " not in name and len(name) < 60
+
+
+def test_reward_rank_counts_pass_fail_pairs_within_each_prompt(tmp_path, capsys):
+    """bench.reward_rank: only prompts with both outcomes count; each (pass, fail) pair is right when the
+    passing image scores higher; a folder without results.jsonl is a one-line error."""
+    from PIL import Image
+
+    from bench import reward_rank
+    from shapes import render
+
+    rows = []
+    # "a red circle": its own render passes, a blue square's fails; "a star": one image, all passing (skipped)
+    for index, image, prompt, drawn, passed, category in [(0, 0, "a red circle", "a red circle", True, "colors"),
+                                                          (0, 1, "a red circle", "a blue square", False, "colors"),
+                                                          (1, 0, "a star", "a star", True, "single_object")]:
+        Image.fromarray(render(drawn, seed=image)).save(tmp_path / f"{index}_{image}.png")
+        rows.append({"prompt_index": index, "image_index": image, "prompt": prompt, "category": category,
+                     "passed": passed})
+    (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert reward_rank.pairwise_accuracy([3.0, 1.0, 1.0], [True, False, True]) == [1.0, 0.5]
+    res = reward_rank.rank(tmp_path, ["clip"], "shapes-64")
+    assert res["prompts"] == 1 and set(res["rewards"]["clip"]) == {"all", "colors"}
+    assert res["rewards"]["clip"]["all"]["pairs"] == 1
+    assert res["rewards"]["clip"]["all"]["accuracy"] in (0.0, 0.5, 1.0)
+    assert reward_rank.main([str(tmp_path / "nowhere")]) == 2
+    assert "has no results.jsonl" in capsys.readouterr().err
