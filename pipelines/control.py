@@ -121,7 +121,9 @@ def canny(rgb: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
 
     if not (0 <= low <= 255 and 0 <= high <= 255 and low <= high):
         raise ValueError(f"canny thresholds {low}, {high}; allowed: 0 <= low <= high <= 255")
-    return cv2.Canny(cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY), int(low), int(high))
+    # on the color image, as controlnet-aux's CannyDetector runs it: OpenCV takes each pixel's strongest channel
+    # gradient, so an edge between two colors of one brightness (red on purple) is found, which a gray copy loses
+    return cv2.Canny(np.ascontiguousarray(rgb), int(low), int(high))
 
 
 def sketch(rgb: np.ndarray, threshold: int = 128) -> np.ndarray:

@@ -40,6 +40,18 @@ def test_preprocessors_on_odd_gray_and_alpha_images(mode, preprocessor, tmp_path
         assert np.asarray(m).max() == 255  # the shapes' outlines were found
 
 
+def test_canny_finds_edges_between_colors_of_one_brightness():
+    """A red circle on purple (luma 103 against 83) has an outline; a gray copy's gradient is under Canny's
+    low threshold, so only the color image shows it."""
+    from shapes import render
+
+    rgb = render("a red circle on a purple background", seed=0)
+    gray = np.repeat(np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2)
+    assert (control.detect(gray, "canny") == 0).all()
+    edges = control.detect(rgb, "canny")[..., 0] > 0
+    assert edges.sum() > 40 and not edges[0].any() and not edges[:, 0].any()  # the outline, not the frame
+
+
 def test_bad_uploads_say_what_is_wrong(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
