@@ -219,6 +219,34 @@ def test_nct_and_controlnet_training_runs_resume_and_export(tiny_student, tiny_s
     exported = loading.load_controlnet(tmp_path / "nct-out").state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in res["adapter"].state_dict().items())
 
+    # a scale folded into the export: at conditioning scale 1 it gives what the adapter gave at that scale, and a
+    # warm start from it takes the scale out again
+    from pipelines import generation
+    from shapes import render
+
+    adapter = res["adapter"]
+    with torch.no_grad():  # residual convolutions away from zero, so that the scale matters
+        for conv in [*adapter.controlnet_down_blocks, adapter.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+            conv.bias.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    plain = nct_method.export(adapter, cfg, tmp_path / "nct-plain", meta=False)
+    folded = nct_method.export(adapter, cfg, tmp_path / "nct-folded", scale=2.0, meta=False)
+    assert nct_method.folded_scale(plain) == 1.0 and nct_method.folded_scale(folded) == 2.0
+    layout = render("a red circle left of a blue square", seed=3)
+
+    def image(model, scale):
+        return np.asarray(generation.generate(str(tiny_student), "a red circle", control_image=layout, seed=0,
+                                              control_model=str(model), control_scale=scale).images[0], np.int16)
+
+    at_two = image(plain, 2.0)
+    assert np.abs(image(folded, 1.0) - at_two).max() <= 1 and np.abs(image(plain, 1.0) - at_two).max() > 1
+    res = nct_method.train(dataclasses.replace(warm, run_dir=str(tmp_path / "nct-warm2"), init_adapter=str(folded)))
+    unfolded, want = res["adapter"].state_dict(), loading.load_controlnet(plain).state_dict()
+    assert all(torch.allclose(v, want[k], atol=1e-6) for k, v in unfolded.items())
+    calib = nct_method.calibrate(adapter, cfg, ["a red circle", "two blue squares"], scales=(1.0, 2.0))
+    assert calib["scale"] in (1.0, 2.0) and set(calib["scales"]) == {1.0, 2.0}
+    assert all(0 <= r["edge_f1"] <= 1 and 0 <= r["shapeeval"] <= 1 for r in calib["scales"].values())
+
     cfg = ControlNetConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "cn"), steps=2, batch_size=2, data_size=8,
                            warmup=1)
     res = cn_method.train(cfg)
