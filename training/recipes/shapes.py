@@ -36,6 +36,7 @@ from pathlib import Path
 from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
+PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
 STAGES = ("tokenizer", "clip", "vae", "tiny_decoder", "teacher", "clip_vision", "controlnet", "student", "nct",
           "student_4step", "msd", "report")
 # DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
@@ -59,10 +60,12 @@ TEACHER_PHASES = [dict(steps=17086),
                   dict(steps=30000, snr_shift=16.0, batch_size=32, lr=4e-4, warmup=200, decay_start=17086,
                        min_lr_ratio=0.1)]
 # The teacher's canny ControlNet: 2,000 steps, then 1,500 more with the LR restarted and decayed again (held-out
-# edge F1 with the shift-16 teacher 0.460 -> 0.499)
-CONTROLNET_PHASES = [dict(steps=2000), dict(steps=3500, decay_start=2000)]
-# The NCT adapter's plan (the committed one is a partial export at the step recipe.json records)
-NCT_STEPS = 6000
+# edge F1 with the shift-16 teacher 0.460 -> 0.499), then 1,500 more once Canny ran on the color image (the gray
+# copy it ran on before lost edges between colors of one brightness: 55 of the 360 held-out layouts had no edges)
+CONTROLNET_PHASES = [dict(steps=2000), dict(steps=3500, decay_start=2000), dict(steps=5000, decay_start=3500)]
+# The NCT adapter: 6,000 steps (the LR decaying to a tenth), then 1,500 more with the LR restarted once Canny ran on
+# the color image (see CONTROLNET_PHASES)
+NCT_PHASES = [dict(steps=6000), dict(steps=7500, decay_start=6000)]
 
 
 def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
@@ -208,12 +211,17 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.config import NctConfig
         from training.methods import nct
 
-        cfg = with_overrides(NctConfig(student=str(out / "student"), steps=NCT_STEPS, **common,
-                                       **_warm_start(out, work, stage, "init_adapter", "nct-canny")),
-                             _overrides(args.set, stage))
-        res = nct.train(cfg)
-        if res["finished"] or args.export_partial:
-            nct.export(res["adapter"], cfg, out / "nct-canny")
+        warm = _warm_start(out, work, stage, "init_adapter", "nct-canny")
+        phases = [with_overrides(NctConfig(student=str(out / "student"), **common, **phase, **warm),
+                                 _overrides(args.set, stage)) for phase in NCT_PHASES]
+        res = _run_phases(nct.train, phases, work / stage, warm)
+        if res["finished"] or args.export_partial:  # its scale calibrated on the suite's layouts, not the held-out ones
+            from pipelines.evaluate import read_prompts
+
+            calib = nct.calibrate(res["adapter"], res["config"], read_prompts(PROMPTS / "shapeeval.txt"))
+            nct.export(res["adapter"], res["config"], out / "nct-canny", scale=calib["scale"])
+            res.update(folded_scale=calib["scale"],
+                       **{f"suite_edge_f1_at_scale_{s:g}": r["edge_f1"] for s, r in calib["scales"].items()})
         return res
     if stage == "msd":
         from training.config import MsdConfig
@@ -255,7 +263,7 @@ def report(out: Path, images_per_prompt: int = 4) -> dict:
     result["vae_reconstruction_shapeeval"] = vae.reconstruction_shapeeval(rec, held_prompts)
     if (out / "teacher" / "model_index.json").is_file():
         for suite in ("shapeeval", "heldout"):
-            path = Path(__file__).resolve().parents[2] / "assets" / "prompts" / f"{suite}.txt"
+            path = PROMPTS / f"{suite}.txt"
             result[f"teacher_{suite}"] = evaluate(str(out / "teacher"), read_prompts(path), images_per_prompt)
     (out / "report.json").write_text(json.dumps(result, indent=2))
     flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
