@@ -158,8 +158,9 @@ def folded_scale(adapter_dir: str | Path) -> float:
 
 
 def calibrate(adapter, cfg, prompts: list[str], scales=(1.0, 1.5, 2.0, 2.5, 3.0), max_drop: float = 0.05) -> dict:
-    """The scale (of `scales`) whose folded adapter gives the student the best edge F1 on one layout per prompt,
-    among those whose ShapeEval is at most `max_drop` below scale 1's; with every scale's numbers."""
+    """The scale (of `scales`) whose folded adapter gives the student the best edge F1 on one layout per prompt
+    (shapes-world prompts: ShapeEval judges), among those whose ShapeEval is at most `max_drop` below the first
+    scale's (1: the adapter as trained); with every scale's numbers."""
     from pipelines.evaluate import evaluate
 
     rows = {}
