@@ -64,8 +64,10 @@ TEACHER_PHASES = [dict(steps=17086),
 # copy it ran on before lost edges between colors of one brightness: 55 of the 360 held-out layouts had no edges)
 CONTROLNET_PHASES = [dict(steps=2000), dict(steps=3500, decay_start=2000), dict(steps=5000, decay_start=3500)]
 # The NCT adapter: 6,000 steps (the LR decaying to a tenth), then 1,500 more with the LR restarted once Canny ran on
-# the color image (see CONTROLNET_PHASES)
-NCT_PHASES = [dict(steps=6000), dict(steps=7500, decay_start=6000)]
+# the color image (see CONTROLNET_PHASES), then 1,100 more with the boundary loss allowed up to 0.03 instead of 0.01
+# (a stronger adapter: held-out edge F1 0.445 -> 0.522, each with its scale calibrated)
+NCT_PHASES = [dict(steps=6000), dict(steps=7500, decay_start=6000),
+              dict(steps=8600, decay_start=7500, boundary_target=0.03)]
 
 
 def _record(out: Path, stage: str, seconds: float, info: dict) -> None:
