@@ -22,17 +22,13 @@ import torch
 from PIL import Image
 
 from pipelines import registry, rewards
+from pipelines.evaluate import read_results
 
 
 def read_groups(folder: Path) -> list[list[dict]]:
     """The images of each prompt that ShapeEval both passed and failed, as results.jsonl rows."""
-    path = folder / "results.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{folder} has no results.jsonl; make one with "
-                         "`python -m pipelines evaluate ... --images-per-prompt 4 --save-images DIR`")
     groups: dict[int, list[dict]] = defaultdict(list)
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_results(folder):
         groups[row["prompt_index"]].append(row)
     return [g for g in groups.values() if 0 < sum(r["passed"] for r in g) < len(g)]
 

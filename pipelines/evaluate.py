@@ -163,6 +163,15 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
                              "map_l1": float(np.mean([r["map_l1"] for r in records]))})
 
 
+def read_results(folder: str | Path) -> list[dict]:
+    """The rows of an `evaluate --save-images` folder's results.jsonl (image `<prompt_index>_<image_index>.png`
+    beside each); a one-line error when the folder has none."""
+    path = Path(folder) / "results.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{folder} has no results.jsonl; make it with: evaluate --save-images {folder}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def fd_between(folder_a: str | Path, folder_b: str | Path, clip_path: str | Path | None = None) -> dict:
     """Fréchet distance in the tiny CLIP's image features between two `evaluate --save-images` folders
     made on the same prompts and seeds (e.g. a student's and its teacher's): the distance to the
@@ -173,11 +182,8 @@ def fd_between(folder_a: str | Path, folder_b: str | Path, clip_path: str | Path
     from .registry import SHAPES_CLIP
 
     def read(folder):
-        path = Path(folder) / "results.jsonl"
-        if not path.is_file():
-            raise ValueError(f"{folder} has no results.jsonl; make it with: evaluate --save-images {folder}")
         return {(r["prompt"], r["image_index"]): Path(folder) / f"{r['prompt_index']}_{r['image_index']}.png"
-                for r in map(json.loads, path.read_text().splitlines())}
+                for r in read_results(folder)}
 
     a, b = read(folder_a), read(folder_b)
     keys = sorted(set(a) & set(b))
