@@ -1,7 +1,8 @@
 """NASA removal benchmark on the shapes world: does a one-step student leave out what the negative
 prompt names, and what does that cost?
 
-    python -m bench.nasa [--model shapes-64] [--images 500] [--nasa-alpha 0.5[,1.0,...]] [--json out.json]
+    python -m bench.nasa [--model shapes-64] [--images 500] [--nasa-alpha 0.5[,1.0,...]]
+        [--negative-template "{0}, on a {0} background"] [--json out.json]
 
 Cases: prompts of the shapes grammar that leave color open (`a circle`, `a star and a heart`,
 `two squares`; background unnamed too), each with a negative prompt naming one color (`red`). Every
@@ -15,7 +16,11 @@ alpha. Per mode, ShapeEval's detector reports
 - shapeeval: ShapeEval accuracy on what the prompt does specify (shapes and counts), and its drop
   against no negative prompt;
 
-and timing gives the seconds per image of NASA and of CFG as ratios to plain generation (same prompt,
+`--negative-template` words the negative around the color (`{0}`): shapes-64's captions name a color
+only on an object or as `on a <color> background`, so its student reads a bare `red` as red objects and
+needs `red, on a red background` to keep a red background out as well.
+
+Timing gives the seconds per image of NASA and of CFG as ratios to plain generation (same prompt,
 same batch, same process, interleaved repeats). Issue #7's target: NASA removed >= 0.95 with a
 ShapeEval drop <= 0.05.
 """
@@ -64,6 +69,18 @@ def make_cases(images: int, seed: int = 0) -> tuple[list[Case], int]:
     per_pair = math.ceil(images / len(pairs))
     chosen = [pairs[i] for i in order[:images]] if per_pair == 1 else pairs
     return [Case(p, c, seed + k) for p, c in chosen for k in range(per_pair)], per_pair
+
+
+def check_template(template: str) -> str:
+    """The negative template, or a one-line ValueError: it must hold `{0}` (the color) and nothing else in braces."""
+    try:
+        ok = "{0}" in template and template.format("red") == template.replace("{0}", "red")
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"negative template {template[:60]!r} must hold {{0}} (the color) and no other braces, "
+                         "e.g. '{0}, on a {0} background'")
+    return template
 
 
 def _draw(model_id: str, prompt: str, seed: int, n: int, device, **negative) -> list[np.ndarray]:
@@ -126,8 +143,9 @@ def _timing(model_id: str, alpha: float, guidance_scale: float, batch: int, repe
 
 def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500, nasa_alphas=None,
                       guidance_scale: float = 2.0, seed: int = 0, timing_batch: int = 8, repeats: int = 5,
-                      device: str | None = None, progress=None) -> dict:
+                      device: str | None = None, progress=None, negative_template: str = "{0}") -> dict:
     """Run every mode over the same cases; see the module docstring for what each number means."""
+    check_template(negative_template)
     spec = registry.get(model_id)
     if spec.role != "student":
         raise ValueError(f"{model_id} is a {spec.role}; the NASA benchmark needs a one- or few-step student")
@@ -150,7 +168,8 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
         imgs = []
         for k in range(0, len(cases), per_pair):  # the cases of one (prompt, color) pair are consecutive
             c = cases[k]
-            imgs += _draw(model_id, c.prompt, c.seed, per_pair, device, negative_prompt=c.negative, **negative)
+            imgs += _draw(model_id, c.prompt, c.seed, per_pair, device,
+                          negative_prompt=negative_template.format(c.negative), **negative)
         return _score(cases, imgs)
 
     modes = [{"mode": "none", **_summary(plain, None)}]
@@ -165,7 +184,8 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
         say(f"nasa alpha {a:g}: {len(cases)} cases")
     timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device)
     return {"model": model_id, "steps": spec.steps, "images": len(cases), "seeds_per_pair": per_pair,
-            "prompts": len({c.prompt for c in cases}), "modes": modes, "timing": timing,
+            "prompts": len({c.prompt for c in cases}), "negative_template": negative_template, "modes": modes,
+            "timing": timing,
             "target": {"removed": TARGET_REMOVED, "shapeeval_drop": TARGET_DROP}}
 
 
@@ -177,7 +197,8 @@ def _alphas(text: str) -> list[float]:
 
 
 def _print(res: dict) -> None:
-    print(f"{res['model']}: {res['images']} images per mode ({res['prompts']} color-free prompts x a named color)")
+    print(f"{res['model']}: {res['images']} images per mode ({res['prompts']} color-free prompts x a named color; "
+          f"negative {res['negative_template'].format('<color>')!r})")
     print(f"{'mode':<16} {'appears':>8} {'removed':>8} {'objects':>8} {'backgr.':>8} {'shapeeval':>10} {'drop':>7}")
     for m in res["modes"]:
         name = {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
@@ -196,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=500, help="cases per mode (rounded up to whole seeds per pair)")
     ap.add_argument("--nasa-alpha", type=_alphas, default=None, help="one alpha or a list, e.g. 0.5,1 (default: the model's)")
     ap.add_argument("--guidance-scale", type=float, default=2.0, help="of the CFG-style baseline")
+    ap.add_argument("--negative-template", default="{0}", help="the negative prompt around the color {0}, "
+                    "e.g. '{0}, on a {0} background' (default: the bare color)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
@@ -205,7 +228,8 @@ def main(argv=None) -> int:
     try:
         res = removal_benchmark(args.model, args.images, args.nasa_alpha, args.guidance_scale, args.seed,
                                 args.timing_batch, args.repeats, args.device,
-                                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+                                progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                negative_template=args.negative_template)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -258,13 +258,23 @@ def test_ui_api_takes_negative_mode_and_alpha(tiny_sd, tiny_student, tmp_path):
         assert len(pair) == 2 and "NASA α 0.6" in summary
 
 
-def test_removal_benchmark_runs_on_a_tiny_student(tiny_student, tmp_path):
+def test_removal_benchmark_runs_on_a_tiny_student(tiny_student, tmp_path, monkeypatch):
     from bench import nasa as bench
 
+    negatives, draw = [], bench._draw
+    monkeypatch.setattr(bench, "_draw", lambda *a, **kw: negatives.append(kw.get("negative_prompt")) or draw(*a, **kw))
     out = tmp_path / "nasa.json"
     assert bench.main(["--model", str(tiny_student), "--images", "3", "--nasa-alpha", "0.5,1", "--repeats", "1",
-                       "--timing-batch", "2", "--json", str(out)]) == 0
+                       "--timing-batch", "2", "--negative-template", "{0}, on a {0} background",
+                       "--json", str(out)]) == 0
     res = json.loads(out.read_text())
+    assert res["negative_template"] == "{0}, on a {0} background"
+    worded = [n for n in negatives if n]  # every negative draw (CFG and NASA) got the worded negative
+    assert len(worded) == 9 and all(n == f"{n.split(',')[0]}, on a {n.split(',')[0]} background" for n in worded)
+    for bad in ("red", "{0} {1}", "{{0}}", "{color}"):
+        with pytest.raises(ValueError, match="must hold"):
+            bench.check_template(bad)
+    assert bench.main(["--model", str(tiny_student), "--negative-template", "no color here"]) == 2
     assert res["images"] == 3 and [m["mode"] for m in res["modes"]] == ["none", "cfg", "nasa", "nasa"]
     assert [m.get("nasa_alpha") for m in res["modes"][2:]] == [0.5, 1.0]
     for m in res["modes"]:
