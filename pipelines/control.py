@@ -185,23 +185,28 @@ def check_scale(scale) -> float:
     return float(scale)
 
 
-def edge_f1(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) -> float:
-    """F1 of edge pixels (binary maps) with a `tolerance`-pixel match radius: how well an output's
-    edges follow the control's. 1 = every edge matched both ways."""
+def edge_match(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) -> dict[str, float]:
+    """How well an output's edges (binary maps) follow the control's, with a `tolerance`-pixel match
+    radius: precision (the output's edges that lie on the control's), recall (the control's edges the
+    output drew) and their F1. 1 = every edge matched both ways."""
     import cv2
 
     ref, out = reference > 127, output > 127
-    if not ref.any() and not out.any():
-        return 1.0
     if not ref.any() or not out.any():
-        return 0.0
+        same = float(not ref.any() and not out.any())
+        return {"precision": same, "recall": same, "f1": same}
     kernel = np.ones((2 * tolerance + 1, 2 * tolerance + 1), np.uint8)
     ref_near = cv2.dilate(ref.astype(np.uint8), kernel) > 0
     out_near = cv2.dilate(out.astype(np.uint8), kernel) > 0
-    precision = (out & ref_near).sum() / out.sum()
-    recall = (ref & out_near).sum() / ref.sum()
-    return float(0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+    precision = float((out & ref_near).sum() / out.sum())
+    recall = float((ref & out_near).sum() / ref.sum())
+    f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1}
 
+
+def edge_f1(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) -> float:
+    """The F1 of `edge_match`: one number for how well an output's edges follow the control's."""
+    return edge_match(reference, output, tolerance)["f1"]
 
 
 def resolve(spec, preprocessor: str, kind: str = "auto") -> tuple[str, str]:

@@ -150,8 +150,10 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
             ref_map = control.detect(np.asarray(control.fit(Image.fromarray(layout), *out.shape[:2])), preprocessor)
             out_map = control.detect(out, preprocessor)
             ok, reason = judge(spec, out)
+            edges = control.edge_match(ref_map[..., 0], out_map[..., 0])
             records.append({"prompt_index": i, "image_index": j, "prompt": prompt, "category": spec.category,
-                            "passed": ok, "reason": reason, "edge_f1": control.edge_f1(ref_map[..., 0], out_map[..., 0]),
+                            "passed": ok, "reason": reason, "edge_f1": edges["f1"], "edge_precision": edges["precision"],
+                            "edge_recall": edges["recall"],
                             "map_l1": float(np.abs(ref_map.astype(np.float32) - out_map).mean() / 255)})
             if out_dir:
                 Image.fromarray(np.concatenate([layout, ref_map, out, out_map], 1)).save(out_dir / f"{i}_{j}.png")
@@ -159,8 +161,8 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
             progress(i + 1, len(prompts))
     return _summary(records, out_dir, model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                     mean_seconds_per_image=seconds / max(len(records), 1),
-                    control={**settings, "edge_f1": float(np.mean([r["edge_f1"] for r in records])),
-                             "map_l1": float(np.mean([r["map_l1"] for r in records]))})
+                    control={**settings, **{k: float(np.mean([r[k] for r in records]))
+                                            for k in ("edge_f1", "edge_precision", "edge_recall", "map_l1")}})
 
 
 def read_results(folder: str | Path) -> list[dict]:

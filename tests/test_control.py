@@ -82,6 +82,10 @@ def test_edge_f1():
     assert control.edge_f1(a, shifted) == 1.0  # within the 1-pixel tolerance
     assert control.edge_f1(a, np.roll(a, 5, axis=0)) == 0.0
     assert control.edge_f1(a, np.zeros_like(a)) == 0.0
+    extra = a.copy()
+    extra[20, 5:25] = 255  # every edge drawn, plus as many that are not there
+    assert control.edge_match(a, extra) == {"precision": 0.5, "recall": 1.0, "f1": 2 / 3}
+    assert control.edge_match(extra, a) == {"precision": 1.0, "recall": 0.5, "f1": 2 / 3}
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +249,8 @@ def test_nct_and_controlnet_training_runs_resume_and_export(tiny_student, tiny_s
     assert all(torch.allclose(v, want[k], atol=1e-6) for k, v in unfolded.items())
     calib = nct_method.calibrate(adapter, cfg, ["a red circle", "two blue squares"], scales=(1.0, 2.0))
     assert calib["scale"] in (1.0, 2.0) and set(calib["scales"]) == {1.0, 2.0}
-    assert all(0 <= r["edge_f1"] <= 1 and 0 <= r["shapeeval"] <= 1 for r in calib["scales"].values())
+    for r in calib["scales"].values():  # evaluate --control's numbers: precision and recall beside F1
+        assert all(0 <= r[k] <= 1 for k in ("edge_f1", "edge_precision", "edge_recall", "shapeeval"))
 
     cfg = ControlNetConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "cn"), steps=2, batch_size=2, data_size=8,
                            warmup=1)
