@@ -59,16 +59,16 @@ def open_color_prompts() -> list[str]:
 
 
 def make_cases(images: int, seed: int = 0) -> tuple[list[Case], int]:
-    """At least `images` cases: every (prompt, color) pair gets the same number of consecutive seeds
-    (so one generate call per pair draws what the plain call per prompt draws); below one seed per
-    pair, a shuffled subset of the pairs. Returns (cases, seeds per pair)."""
+    """At least `images` cases: every (prompt, color) pair gets the same number of consecutive seeds, its
+    own (no two cases share a noise, so each pair is a fresh draw of that prompt, and one generate call per
+    pair draws them all); below one seed per pair, a shuffled subset of the pairs. Returns (cases, seeds per pair)."""
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ValueError(f"images must be a whole number of at least 1, got {str(images)[:40]!r}")
     pairs = [(p, c) for p in open_color_prompts() for c in COLORS]
     order = np.random.default_rng(seed).permutation(len(pairs))
     per_pair = math.ceil(images / len(pairs))
     chosen = [pairs[i] for i in order[:images]] if per_pair == 1 else pairs
-    return [Case(p, c, seed + k) for p, c in chosen for k in range(per_pair)], per_pair
+    return [Case(p, c, seed + i * per_pair + k) for i, (p, c) in enumerate(chosen) for k in range(per_pair)], per_pair
 
 
 def check_template(template: str) -> str:
@@ -98,8 +98,9 @@ def _score(cases: list[Case], images: list[np.ndarray]) -> list[dict]:
     for case, img in zip(cases, images):
         background, objects = detect(img)
         on_object = any(o.color == case.negative for o in objects)
-        rows.append({"appears": on_object or background == case.negative, "object": on_object,
-                     "background": background == case.negative, "shapeeval": judge(case.prompt, img)[0]})
+        rows.append({"color": case.negative, "appears": on_object or background == case.negative,
+                     "object": on_object, "background": background == case.negative,
+                     "shapeeval": judge(case.prompt, img)[0]})
     return rows
 
 
@@ -115,6 +116,11 @@ def _summary(rows: list[dict], plain: list[dict] | None) -> dict:
             had = [r for r, p in zip(rows, plain) if p[where]]
             out[f"removed_{where}"] = float(np.mean([not r[where] for r in had])) if had else None
         out["shapeeval_drop"] = float(np.mean([p["shapeeval"] for p in plain])) - out["shapeeval"]
+        by_color: dict[str, list[bool]] = {}
+        for r, p in zip(rows, plain):
+            if p["appears"]:
+                by_color.setdefault(r["color"], []).append(not r["appears"])
+        out["removed_by_color"] = {c: float(np.mean(v)) for c, v in sorted(by_color.items())}
     return out
 
 
@@ -155,23 +161,16 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
     cases, per_pair = make_cases(images, seed)
     say = progress or (lambda msg: None)
 
-    # no negative prompt: one draw per (prompt, seed range), shared by every color of that prompt
-    plain_images = {}
-    for prompt in dict.fromkeys(c.prompt for c in cases):
-        start = min(c.seed for c in cases if c.prompt == prompt)
-        for k, img in enumerate(_draw(model_id, prompt, start, per_pair, device)):
-            plain_images[(prompt, start + k)] = img
-    plain = _score(cases, [plain_images[(c.prompt, c.seed)] for c in cases])
-    say(f"no negative: {len(cases)} cases")
-
     def run_mode(**negative) -> list[dict]:
         imgs = []
         for k in range(0, len(cases), per_pair):  # the cases of one (prompt, color) pair are consecutive
             c = cases[k]
-            imgs += _draw(model_id, c.prompt, c.seed, per_pair, device,
-                          negative_prompt=negative_template.format(c.negative), **negative)
+            worded = dict(negative_prompt=negative_template.format(c.negative)) if negative else {}
+            imgs += _draw(model_id, c.prompt, c.seed, per_pair, device, **worded, **negative)
         return _score(cases, imgs)
 
+    plain = run_mode()  # no negative prompt: the same seeds
+    say(f"no negative: {len(cases)} cases")
     modes = [{"mode": "none", **_summary(plain, None)}]
     rows = run_mode(negative_mode="cfg", guidance_scale=guidance_scale)
     modes.append({"mode": "cfg", "guidance_scale": guidance_scale, **_summary(rows, plain)})
@@ -196,15 +195,21 @@ def _alphas(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a comma-separated list of numbers") from None
 
 
+def _mode_name(m: dict) -> str:
+    return {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
+
+
 def _print(res: dict) -> None:
     print(f"{res['model']}: {res['images']} images per mode ({res['prompts']} color-free prompts x a named color; "
           f"negative {res['negative_template'].format('<color>')!r})")
     print(f"{'mode':<16} {'appears':>8} {'removed':>8} {'objects':>8} {'backgr.':>8} {'shapeeval':>10} {'drop':>7}")
     for m in res["modes"]:
-        name = {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
+        name = _mode_name(m)
         removed = ["-" if m.get(k) is None else f"{m[k]:.3f}" for k in ("removed", "removed_object", "removed_background")]
         drop = "-" if "shapeeval_drop" not in m else f"{m['shapeeval_drop']:+.3f}"
         print(f"{name:<16} {m['appears']:>8.3f} {removed[0]:>8} {removed[1]:>8} {removed[2]:>8} {m['shapeeval']:>10.3f} {drop:>7}")
+    for m in res["modes"][1:]:
+        print(f"removed by color, {_mode_name(m)}: " + ", ".join(f"{c} {v:.2f}" for c, v in m["removed_by_color"].items()))
     t = res["timing"]
     print(f"time per image vs plain (batch {t['batch']}): NASA x{t['nasa_ratio']:.3f} "
           f"(denoising x{t['nasa_denoising_ratio']:.3f}), CFG x{t['cfg_ratio']:.3f} "

@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-mode", default="nasa", metavar="nasa|cfg",
                    help="how a student steers away from the negative prompt: nasa (in attention, one pass; default) "
                         "or cfg (two passes, x0 extrapolated by --guidance-scale); teachers always use cfg")
-    g.add_argument("--nasa-alpha", type=float, default=None, help="NASA strength, 0 to 4 (default: the model's)")
+    g.add_argument("--nasa-alpha", type=float, default=None, help="NASA strength, 0 to 16 (default: the model's)")
     g.add_argument("--seed", type=_int, default=0)
     g.add_argument("--steps", type=_int, default=None, help="default: the model's")
     g.add_argument("--height", type=_int, default=None)
