@@ -262,6 +262,21 @@ def test_nct_and_controlnet_training_runs_resume_and_export(tiny_student, tiny_s
         cn_method.train(ControlNetConfig(teacher=str(tiny_sd), run_dir=str(tmp_path / "x"), preprocessor="hed"))
 
 
+def test_control_tab_says_how_well_each_output_keeps_the_edges():
+    from PIL import Image
+
+    from shapes import render
+    from ui.control import follows
+
+    layout = Image.fromarray(render("a red circle left of a blue square", 3))
+    assert follows(layout, layout, "canny", {}) == ", edge F1 1.00 (precision 1.00, recall 1.00)"
+    blank = Image.new("RGB", (64, 64), (0, 128, 0))
+    assert follows(layout, blank, "canny", {}) == ", edge F1 0.00 (precision 0.00, recall 0.00)"
+    elsewhere = Image.fromarray(render("a red circle left of a blue square", 4))  # the same prompt, moved
+    assert follows(layout.resize((128, 128)), elsewhere, "canny", {"low": 100, "high": 200}).startswith(", edge F1 0.")
+    assert follows(layout, layout, "sketch", {}) == ""  # its maps are not edges
+
+
 def test_control_endpoint_side_by_side(tiny_student, tmp_path):
     """/control on a student with no NCT adapter and no teacher ControlNet: each way says why it is
     unavailable instead of failing the whole call; no control image at all is a one-line error."""

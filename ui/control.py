@@ -1,7 +1,7 @@
 """Control tab: pin the layout with a control image (an upload, a sketch, the image in Generate, or a
 layout rendered from the prompt), preview its map, and see three ways of following it side by side:
 the one-step student with its NCT adapter, the student with its teacher's ControlNet, and the
-teacher with its ControlNet, each with its time."""
+teacher with its ControlNet, each with its time and (for Canny) how well it keeps the control's edges."""
 from __future__ import annotations
 
 import gradio as gr
@@ -25,6 +25,17 @@ def source_image(upload, sketch):
         if arr.size and (arr.ndim < 3 or arr.shape[-1] < 4 or arr[..., 3].any()):
             return sketch["composite"]
     return None
+
+
+def follows(source, output, preprocessor: str, settings: dict) -> str:
+    """How well an output keeps the control's edges (Canny only: the other maps are not edges), as
+    `evaluate --control` measures it: the output's Canny map against the source's at the output's size."""
+    if preprocessor != "canny":
+        return ""
+    out = np.asarray(output.convert("RGB"))
+    ref = np.asarray(control.make_map(source, "canny", *out.shape[:2], **settings))
+    m = control.edge_match(ref[..., 0], control.detect(out, "canny", **settings)[..., 0])
+    return f", edge F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f})"
 
 
 def build_control(services: Services, generate_tab: dict | None = None) -> dict:
@@ -65,7 +76,8 @@ def build_control(services: Services, generate_tab: dict | None = None) -> dict:
                 continue
             ms = res.timings["total"] * 1000
             cells.append((res.images[0], f"{label} · {ms:.0f} ms"))
-            lines.append(f"**{label}**: {ms:.0f} ms ({res.settings['control']['model']})")
+            lines.append(f"**{label}**: {ms:.0f} ms ({res.settings['control']['model']})"
+                         + follows(img, res.images[0], preprocessor, settings(preprocessor, low, high)))
         return cells, "  \n".join(lines)
 
     @user_errors
