@@ -204,9 +204,16 @@ def edge_match(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) ->
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def edge_f1(reference: np.ndarray, output: np.ndarray, tolerance: int = 1) -> float:
-    """The F1 of `edge_match`: one number for how well an output's edges follow the control's."""
-    return edge_match(reference, output, tolerance)["f1"]
+EDGE_KEYS = ("edge_f1", "edge_precision", "edge_recall")  # what `follow` reports, as evaluate --control names them
+
+
+def follow(source, output: np.ndarray, preprocessor: str = "canny", **settings) -> tuple[np.ndarray, np.ndarray, dict]:
+    """How well a generated image (uint8 H x W x 3) follows its control source: the source's map at the
+    output's size, the output's own map (same preprocessor and settings), and `edge_match` of the two as
+    {"edge_f1", "edge_precision", "edge_recall"}."""
+    ref = np.asarray(make_map(source, preprocessor, *output.shape[:2], **settings))
+    out = detect(output, preprocessor, **settings)
+    return ref, out, {f"edge_{k}": v for k, v in edge_match(ref[..., 0], out[..., 0]).items()}
 
 
 def resolve(spec, preprocessor: str, kind: str = "auto") -> tuple[str, str]:

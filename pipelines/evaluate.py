@@ -129,8 +129,8 @@ def _evaluate_reno(model_id, prompts, images_per_prompt, steps, seed, save_image
 
 def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_images, progress, preprocessor,
                       control_model, scale, device=None) -> dict:
-    """Control consistency = edge F1 (1-pixel tolerance) and mean absolute difference between the
-    input's control map and the output's, beside ShapeEval of the outputs."""
+    """Control consistency = edge F1, precision and recall (1-pixel tolerance) and mean absolute difference
+    between the input's control map and the output's, beside ShapeEval of the outputs."""
     from PIL import Image
 
     from . import control
@@ -147,13 +147,10 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
             seconds += res.timings["total"]
             settings = res.settings["control"]
             out = np.asarray(res.images[0].convert("RGB"))
-            ref_map = control.detect(np.asarray(control.fit(Image.fromarray(layout), *out.shape[:2])), preprocessor)
-            out_map = control.detect(out, preprocessor)
+            ref_map, out_map, edges = control.follow(layout, out, preprocessor)
             ok, reason = judge(spec, out)
-            edges = control.edge_match(ref_map[..., 0], out_map[..., 0])
             records.append({"prompt_index": i, "image_index": j, "prompt": prompt, "category": spec.category,
-                            "passed": ok, "reason": reason, "edge_f1": edges["f1"], "edge_precision": edges["precision"],
-                            "edge_recall": edges["recall"],
+                            "passed": ok, "reason": reason, **edges,
                             "map_l1": float(np.abs(ref_map.astype(np.float32) - out_map).mean() / 255)})
             if out_dir:
                 Image.fromarray(np.concatenate([layout, ref_map, out, out_map], 1)).save(out_dir / f"{i}_{j}.png")
@@ -162,7 +159,7 @@ def _evaluate_control(model_id, prompts, images_per_prompt, steps, seed, save_im
     return _summary(records, out_dir, model=model_id, steps=steps, seed=seed, images_per_prompt=images_per_prompt,
                     mean_seconds_per_image=seconds / max(len(records), 1),
                     control={**settings, **{k: float(np.mean([r[k] for r in records]))
-                                            for k in ("edge_f1", "edge_precision", "edge_recall", "map_l1")}})
+                                            for k in (*control.EDGE_KEYS, "map_l1")}})
 
 
 def read_results(folder: str | Path) -> list[dict]:

@@ -74,14 +74,14 @@ def test_bad_uploads_say_what_is_wrong(tmp_path):
         control.check_scale(3.0)
 
 
-def test_edge_f1():
+def test_edge_match():
     a = np.zeros((32, 32), np.uint8)
     a[10, 5:25] = 255
-    assert control.edge_f1(a, a) == 1.0
+    assert control.edge_match(a, a)["f1"] == 1.0
     shifted = np.roll(a, 1, axis=0)
-    assert control.edge_f1(a, shifted) == 1.0  # within the 1-pixel tolerance
-    assert control.edge_f1(a, np.roll(a, 5, axis=0)) == 0.0
-    assert control.edge_f1(a, np.zeros_like(a)) == 0.0
+    assert control.edge_match(a, shifted)["f1"] == 1.0  # within the 1-pixel tolerance
+    assert control.edge_match(a, np.roll(a, 5, axis=0))["f1"] == 0.0
+    assert control.edge_match(a, np.zeros_like(a))["f1"] == 0.0
     extra = a.copy()
     extra[20, 5:25] = 255  # every edge drawn, plus as many that are not there
     assert control.edge_match(a, extra) == {"precision": 0.5, "recall": 1.0, "f1": 2 / 3}

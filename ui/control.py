@@ -28,14 +28,12 @@ def source_image(upload, sketch):
 
 
 def follows(source, output, preprocessor: str, settings: dict) -> str:
-    """How well an output keeps the control's edges (Canny only: the other maps are not edges), as
-    `evaluate --control` measures it: the output's Canny map against the source's at the output's size."""
+    """How well an output keeps the control's edges (Canny only: the other maps are not edges), measured as
+    `evaluate --control` does (`control.follow`), at the tab's Canny thresholds."""
     if preprocessor != "canny":
         return ""
-    out = np.asarray(output.convert("RGB"))
-    ref = np.asarray(control.make_map(source, "canny", *out.shape[:2], **settings))
-    m = control.edge_match(ref[..., 0], control.detect(out, "canny", **settings)[..., 0])
-    return f", edge F1 {m['f1']:.2f} (precision {m['precision']:.2f}, recall {m['recall']:.2f})"
+    m = control.follow(source, np.asarray(output.convert("RGB")), "canny", **settings)[2]
+    return f", edge F1 {m['edge_f1']:.2f} (precision {m['edge_precision']:.2f}, recall {m['edge_recall']:.2f})"
 
 
 def build_control(services: Services, generate_tab: dict | None = None) -> dict:

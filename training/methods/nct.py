@@ -168,8 +168,7 @@ def calibrate(adapter, cfg, prompts: list[str], scales=(1.0, 1.5, 2.0, 2.5, 3.0)
         for s in scales:
             folder = export(fold_scale(adapter, s), cfg, Path(tmp) / f"scale-{s:g}", meta=False)
             res = evaluate(cfg.student, prompts, 1, control=cfg.preprocessor, control_model=str(folder))
-            rows[s] = {**{k: res["control"][k] for k in ("edge_f1", "edge_precision", "edge_recall")},
-                       "shapeeval": res["overall"]}
+            rows[s] = {**{k: res["control"][k] for k in control.EDGE_KEYS}, "shapeeval": res["overall"]}
     floor = rows[scales[0]]["shapeeval"] - max_drop
     best = max((s for s in scales if rows[s]["shapeeval"] >= floor), key=lambda s: rows[s]["edge_f1"])
     return {"scale": best, "scales": rows}
