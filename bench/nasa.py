@@ -61,14 +61,16 @@ def open_color_prompts() -> list[str]:
 def make_cases(images: int, seed: int = 0) -> tuple[list[Case], int]:
     """At least `images` cases: every (prompt, color) pair gets the same number of consecutive seeds, its
     own (no two cases share a noise, so each pair is a fresh draw of that prompt, and one generate call per
-    pair draws them all); below one seed per pair, a shuffled subset of the pairs. Returns (cases, seeds per pair)."""
+    pair draws them all; another `seed` draws other noises); below one seed per pair, a shuffled subset of
+    the pairs. Returns (cases, seeds per pair)."""
     if isinstance(images, bool) or not isinstance(images, int) or images < 1:
         raise ValueError(f"images must be a whole number of at least 1, got {str(images)[:40]!r}")
     pairs = [(p, c) for p in open_color_prompts() for c in COLORS]
     order = np.random.default_rng(seed).permutation(len(pairs))
     per_pair = math.ceil(images / len(pairs))
     chosen = [pairs[i] for i in order[:images]] if per_pair == 1 else pairs
-    return [Case(p, c, seed + i * per_pair + k) for i, (p, c) in enumerate(chosen) for k in range(per_pair)], per_pair
+    first = seed * len(chosen) * per_pair
+    return [Case(p, c, first + i * per_pair + k) for i, (p, c) in enumerate(chosen) for k in range(per_pair)], per_pair
 
 
 def check_template(template: str) -> str:
@@ -117,19 +119,18 @@ def _summary(rows: list[dict], plain: list[dict] | None) -> dict:
             out[f"removed_{where}"] = float(np.mean([not r[where] for r in had])) if had else None
         out["shapeeval_drop"] = float(np.mean([p["shapeeval"] for p in plain])) - out["shapeeval"]
         by_color: dict[str, list[bool]] = {}
-        for r, p in zip(rows, plain):
-            if p["appears"]:
-                by_color.setdefault(r["color"], []).append(not r["appears"])
+        for r in (r for r, p in zip(rows, plain) if p["appears"]):
+            by_color.setdefault(r["color"], []).append(not r["appears"])
         out["removed_by_color"] = {c: float(np.mean(v)) for c, v in sorted(by_color.items())}
     return out
 
 
 def _timing(model_id: str, alpha: float, guidance_scale: float, batch: int, repeats: int, device,
-            engine: str | None = None) -> dict:
+            engine: str | None = None, negative: str = "red") -> dict:
     """Seconds per image, plain vs NASA vs CFG, interleaved so drift hits all three alike (on `engine`:
     generation.generate's auto / torch / onnx; `python -m bench` runs it on each)."""
-    runs = {"plain": {}, "nasa": dict(negative_prompt="red", negative_mode="nasa", nasa_alpha=alpha),
-            "cfg": dict(negative_prompt="red", negative_mode="cfg", guidance_scale=guidance_scale)}
+    runs = {"plain": {}, "nasa": dict(negative_prompt=negative, negative_mode="nasa", nasa_alpha=alpha),
+            "cfg": dict(negative_prompt=negative, negative_mode="cfg", guidance_scale=guidance_scale)}
     times: dict = {k: {"total": [], "denoising": []} for k in runs}
     for r in range(repeats + 1):
         for name, kwargs in runs.items():
@@ -181,7 +182,8 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
         m["target_met"] = m["removed"] is not None and m["removed"] >= TARGET_REMOVED and m["shapeeval_drop"] <= TARGET_DROP
         modes.append(m)
         say(f"nasa alpha {a:g}: {len(cases)} cases")
-    timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device)
+    timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device,
+                     negative=negative_template.format("red"))
     return {"model": model_id, "steps": spec.steps, "images": len(cases), "seeds_per_pair": per_pair,
             "prompts": len({c.prompt for c in cases}), "negative_template": negative_template, "modes": modes,
             "timing": timing,

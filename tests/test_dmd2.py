@@ -308,4 +308,4 @@ def test_nasa_t_student_steers_with_nasa_and_teacher_cfg_leaves_the_negative(tmp
     with pytest.raises(ValueError, match="neither 'colors' nor a text file"):
         dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives=str(tmp_path / "none.txt")))
     with pytest.raises(ValueError, match="allowed: 0 to"):
-        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_alpha_max=9.0))
+        dmd2.train(_cfg(tmp_path, tiny_sd, prompt_file, nasa_negatives="colors", nasa_alpha_max=17.0))

@@ -206,7 +206,8 @@ def test_registry_alphas_follow_the_paper():
     assert all(0.1 <= m[k].nasa_alpha <= 0.3 for k in ("stabilityai/sdxl-turbo", "tianweiy/DMD2-sdxl-1step",
                                                        "tianweiy/DMD2-sdxl-4step"))
     assert all(s.nasa_alpha == 0 for s in m.values() if s.role == "teacher")  # teachers use CFG
-    assert all(0 < s.nasa_alpha <= nasa.MAX_ALPHA for s in m.values() if s.role == "student" and s.family in ("sd", "sdxl"))
+    assert all(0 < s.nasa_alpha <= s.nasa_alpha_max <= nasa.MAX_ALPHA for s in m.values()
+               if s.role == "student" and s.family in ("sd", "sdxl"))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -294,6 +295,7 @@ def test_removal_cases_and_scoring():
     assert len({c.seed for c in cases}) == len(cases)  # every case its own noise, a pair's seeds consecutive
     assert all(c.seed == cases[i - 1].seed + 1 for i, c in enumerate(cases) if i % 2)
     assert len(pairs) == len(cases) // 2
+    assert not {c.seed for c in cases} & {c.seed for c in bench.make_cases(500, seed=1)[0]}  # another seed, other noises
     assert all(o.color is None and parse(c.prompt).background is None for c in cases for o in parse(c.prompt).objects)
     few, one = bench.make_cases(4)
     assert len(few) == 4 and one == 1

@@ -51,8 +51,9 @@ def build_compare(services: Services) -> dict:
                                   info="the teacher always steers away with its CFG")
             negative_mode = gr.Radio(NEGATIVE_MODES, value="nasa", label="Student's negative prompt by",
                                      elem_id="compare-negative-mode")
-            alpha = _default_alpha(students[0]) if students else None
-            nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=registry.DEFAULT_NASA_ALPHA if alpha is None else alpha,
+            first = _known(students[0]) if students else None
+            nasa_alpha = gr.Slider(0, first.nasa_alpha_max if first else nasa.MAX_ALPHA,
+                                   value=first.offered_nasa_alpha if first else registry.DEFAULT_NASA_ALPHA,
                                    step=0.05, label="NASA alpha", elem_id="compare-nasa-alpha")
         button = gr.Button("Compare", variant="primary", elem_id="compare-btn")
         pair = gr.Gallery(label="Student · Teacher", columns=2, height=360, elem_id="compare-pair", format="png")
@@ -64,17 +65,17 @@ def build_compare(services: Services) -> dict:
     return {"model": model}
 
 
-def _default_alpha(model_id) -> float | None:
-    """The student's own NASA alpha; None for a model the registry does not know."""
+def _known(model_id) -> registry.ModelSpec | None:
+    """The student's registry entry; None for a model the registry does not know."""
     try:
-        return registry.get(model_id).offered_nasa_alpha
+        return registry.get(model_id)
     except (registry.UnknownModelError, TypeError):
         return None
 
 
 def _on_model(model_id):
-    alpha = _default_alpha(model_id)
-    return gr.update() if alpha is None else alpha
+    spec = _known(model_id)
+    return gr.update() if spec is None else gr.update(value=spec.offered_nasa_alpha, maximum=spec.nasa_alpha_max)
 
 
 def _installed(model_id: str) -> bool:

@@ -81,7 +81,7 @@ def build_generate(services: Services) -> dict:
         except registry.UnknownModelError:
             return gr.update(), gr.update(), gr.update()
         return (gr.update(value=s.steps, maximum=50 if s.role == "teacher" else 4), gr.update(value=s.resolution),
-                gr.update(value=s.offered_nasa_alpha))
+                gr.update(value=s.offered_nasa_alpha, maximum=s.nasa_alpha_max))
 
     with gr.Tab("Generate", id="generate"):
         history_state = gr.State([])
@@ -103,7 +103,7 @@ def build_generate(services: Services) -> dict:
                                              elem_id="negative-mode",
                                              info="NASA: in attention, one pass; CFG: two passes blended "
                                                   "(teachers always use CFG)")
-                    nasa_alpha = gr.Slider(0, nasa.MAX_ALPHA, value=spec.offered_nasa_alpha,
+                    nasa_alpha = gr.Slider(0, spec.nasa_alpha_max, value=spec.offered_nasa_alpha,
                                            step=0.05, label="NASA alpha", elem_id="nasa-alpha",
                                            info="how hard to steer away; too high lets the negative take over")
                 with gr.Row():
