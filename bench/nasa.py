@@ -198,7 +198,9 @@ def _alphas(text: str) -> list[float]:
 
 
 def _mode_name(m: dict) -> str:
-    return {"none": "no negative", "cfg": f"cfg w={m.get('guidance_scale', 0):g}"}.get(m["mode"], f"nasa a={m.get('nasa_alpha', 0):g}")
+    if m["mode"] == "none":
+        return "no negative"
+    return f"cfg w={m.get('guidance_scale', 0):g}" if m["mode"] == "cfg" else f"nasa a={m.get('nasa_alpha', 0):g}"
 
 
 def _print(res: dict) -> None:

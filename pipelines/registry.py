@@ -90,11 +90,13 @@ SHAPES_DIR = "assets/models/shapes-64"
 SHAPES_CLIP = ROOT / SHAPES_DIR / "clip"  # CLIP score / reward model of the embedded world
 
 MODELS: dict[str, ModelSpec] = {m.id: m for m in [
-    # shapes-64's NASA alpha (`python -m bench.nasa`, removed): 4, the most a bare color negative gets (0.54, as at 2;
-    # beyond, it adds its color to backgrounds) and 0.72 worded `red, on a red background` (0.84 at 10, so the range goes to 16)
+    # shapes-64's NASA alpha (`python -m bench.nasa`, removed): 4, the most a bare color negative gets (0.54, as at
+    # 2; beyond, it adds its color to backgrounds), and 0.72 worded `red, on a red background` (0.84 at 10: the
+    # slider goes to 16)
     ModelSpec("shapes-64", "sd", "student", f"{SHAPES_DIR}/student", teacher="shapes-64-teacher", resolution=64,
               steps=1, timesteps=(999,), nasa_alpha=4.0, nasa_alpha_max=16.0,
-              licence="Apache-2.0 (trained by this project)", memory_gb=0.1, nct=(("canny", f"{SHAPES_DIR}/nct-canny"),), onnx="build",
+              licence="Apache-2.0 (trained by this project)", memory_gb=0.1,
+              nct=(("canny", f"{SHAPES_DIR}/nct-canny"),), onnx="build",
               description="embedded one-step DMD2 student of the shapes world (CPU real time)"),
     ModelSpec("shapes-64-teacher", "sd", "teacher", f"{SHAPES_DIR}/teacher", resolution=64, steps=25,
               guidance_scale=5.0, guidance_rescale=0.7, licence="Apache-2.0 (trained by this project)",
