@@ -21,7 +21,7 @@ only on an object or as `on a <color> background`, so its student reads a bare `
 needs `red, on a red background` to keep a red background out as well.
 
 Timing gives the seconds per image of NASA and of CFG as ratios to plain generation (same prompt,
-same batch, same process, interleaved repeats). Issue #7's target: NASA removed >= 0.95 with a
+same batch, same process, interleaved repeats, on PyTorch). Issue #7's target: NASA removed >= 0.95 with a
 ShapeEval drop <= 0.05.
 """
 from __future__ import annotations
@@ -182,7 +182,8 @@ def removal_benchmark(model_id: str = registry.DEFAULT_MODEL, images: int = 500,
         m["target_met"] = m["removed"] is not None and m["removed"] >= TARGET_REMOVED and m["shapeeval_drop"] <= TARGET_DROP
         modes.append(m)
         say(f"nasa alpha {a:g}: {len(cases)} cases")
-    timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device,
+    # on PyTorch, where every mode runs (`python -m bench` times each engine)
+    timing = _timing(model_id, alphas[0], guidance_scale, timing_batch, repeats, device, engine="torch",
                      negative=negative_template.format("red"))
     return {"model": model_id, "steps": spec.steps, "images": len(cases), "seeds_per_pair": per_pair,
             "prompts": len({c.prompt for c in cases}), "negative_template": negative_template, "modes": modes,

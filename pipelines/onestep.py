@@ -207,14 +207,15 @@ def x0_from(abar: torch.Tensor, model_output: torch.Tensor, x_t: torch.Tensor, p
 def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int], prediction_type: str | None = None,
             generator: torch.Generator | None = None, renoise: list[torch.Tensor] | None = None,
             negative: Conditioning | None = None, guidance_scale: float = 1.0, negative_mode: str = "nasa",
-            nasa_alpha: float | None = None, control=None) -> torch.Tensor:
+            nasa_alpha: float | None = None, control=None, nasa_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable student sampling: initial noise -> clean latents (scaled, as the UNet sees them).
 
     Re-noising between steps uses `renoise[k]` when given (so a caller can fix it), else noise drawn
     from `generator`. With `negative` and negative_mode "nasa", every UNet call steers away from it in
     cross-attention with strength `nasa_alpha` (None: DEFAULT_NASA_ALPHA; its batch may be 1 for all
     images); with "cfg", the baseline: the clean-latent predictions of the two prompts are extrapolated,
-    x0 = x0_neg + w (x0_pos - x0_neg). `control` (a control.Control: a ControlNet or an NCT adapter with
+    x0 = x0_neg + w (x0_pos - x0_neg); `nasa_mask` (1, tokens) limits NASA to some of the negative's tokens
+    (nasa.words_mask). `control` (a control.Control: a ControlNet or an NCT adapter with
     its map and scale) adds its residuals to every UNet call."""
     nasa_alpha = DEFAULT_NASA_ALPHA if nasa_alpha is None else nasa_alpha
     check_negative(negative_mode, nasa_alpha)
@@ -223,7 +224,7 @@ def denoise(pipe, cond: Conditioning, noise: torch.Tensor, timesteps: list[int],
     device, dtype = placement(unet)
     x = noise.to(device, dtype)
     use_nasa = negative is not None and negative_mode == "nasa"
-    with nasa.applied(unet, negative.prompt_embeds, nasa_alpha) if use_nasa else nullcontext():
+    with nasa.applied(unet, negative.prompt_embeds, nasa_alpha, nasa_mask) if use_nasa else nullcontext():
         return _sample(pipe, cond, x, timesteps, ptype, generator, renoise, None if use_nasa else negative,
                        guidance_scale, control)
 
@@ -316,8 +317,10 @@ def generate(pipe, spec: ModelSpec, prompt: str, *, negative_prompt: str = "", g
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {latent_shape(pipe, batch_size, height, width)}")
     ts = resolve_timesteps(spec, steps, timesteps, pipe.scheduler.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(seeds[0] + 1)
+    mask = nasa.words_mask(pipe.tokenizer, negative_prompt) if negative_prompt and spec.nasa_words_only else None
     latents = denoise(pipe, cond, noise, ts, prediction_type, generator=gen, negative=negative,
-                      guidance_scale=guidance_scale, negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=control)
+                      guidance_scale=guidance_scale, negative_mode=negative_mode, nasa_alpha=nasa_alpha, control=control,
+                      nasa_mask=mask)
     sync(device)
     t2 = time.perf_counter()
     images = decode(pipe, latents)

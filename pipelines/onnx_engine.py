@@ -178,6 +178,9 @@ class Engine:
             return f"the ONNX graphs take sizes that are multiples of {multiple}, not {h}x{w}"
         if negative_prompt and negative_mode == "nasa" and alpha != 0 and "unet_nasa" not in self.sessions:
             return "this ONNX export has no NASA graph (exported with --no-nasa)"
+        if negative_prompt and negative_mode == "nasa" and alpha != 0 and spec.nasa_words_only:
+            return (f"{spec.id} steers with the negative prompt's own words (nasa_words_only); the ONNX NASA graph "
+                    "attends to all its tokens")
         return ""
 
     def unet(self, x: np.ndarray, t: int, cond: dict, negative: dict | None = None, alpha: float = 0.0) -> np.ndarray:

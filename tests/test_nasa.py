@@ -200,6 +200,40 @@ def test_settings_record_the_negative_and_a_png_reproduces_it(model, tmp_path):
     assert not np.array_equal(_arr(res.images[0]), _arr(cfg.images[0]))
 
 
+def test_words_only_negative_leaves_out_the_start_token_and_padding(model):
+    """nasa_words_only: the negative branch attends to the negative's own tokens (start token and padding
+    masked); with a mask that keeps every token it is plain NASA, and at alpha 0 nothing changes."""
+    import dataclasses
+
+    spec, pipe = model
+    mask = nasa.words_mask(pipe.tokenizer, "a dog")
+    ids = pipe.tokenizer("a dog", padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
+    words = len(pipe.tokenizer("a dog").input_ids) - 1  # the words and the end token, without the start token
+    assert mask.shape == (1, len(ids)) and mask[0, 0] == 0 and mask[0, 1:1 + words].eq(1).all()
+    assert mask[0, 1 + words:].eq(0).all()
+    plain = _latents(pipe, negative="a dog", nasa_alpha=1.0)
+    assert torch.equal(_latents(pipe, negative="a dog", nasa_alpha=1.0, nasa_mask=torch.ones_like(mask)), plain)
+    assert (_latents(pipe, negative="a dog", nasa_alpha=1.0, nasa_mask=mask) - plain).abs().max() > 1e-4
+    words_spec = dataclasses.replace(spec, nasa_words_only=True)
+
+    def image(s, alpha):
+        return _arr(onestep.generate(pipe, s, "a cat", negative_prompt="a dog", nasa_alpha=alpha, seed=4, height=64,
+                                     width=64).images[0])
+
+    assert np.array_equal(image(words_spec, 0.0), image(spec, 0.0))
+    assert not np.array_equal(image(words_spec, 1.0), image(spec, 1.0))
+
+
+def test_shapes_student_steers_with_the_negatives_words_on_pytorch():
+    from pipelines import generation
+
+    spec = registry.get("shapes-64")
+    assert spec.nasa_words_only and not any(s.nasa_words_only for s in registry.MODELS.values() if s is not spec)
+    res = generation.generate("shapes-64", "a circle", negative_prompt="red", seed=0)
+    assert res.info["engine"] == "torch" and "nasa_words_only" in res.notice  # the ONNX graph attends to every token
+    assert "nasa_words_only" not in generation.generate("shapes-64", "a circle", seed=0).notice
+
+
 def test_registry_alphas_follow_the_paper():
     m = registry.MODELS
     assert m["stabilityai/sd-turbo"].nasa_alpha == 0.2  # SD2.1 family: the paper's training-free default

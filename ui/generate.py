@@ -95,9 +95,8 @@ def build_generate(services: Services) -> dict:
                 prompt = gr.Textbox(label="Prompt", value="a red circle left of a blue square", lines=2,
                                     elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value="", lines=1, elem_id="negative",
-                                      placeholder="e.g. red, on a red background",
-                                      info="say it as a prompt would: in shapes-64 a bare color means objects "
-                                           "of that color; 'on a red background' keeps the background out too")
+                                      placeholder="what to keep out, e.g. red",
+                                      info="one step can steer away from it too: NASA (below), or CFG to compare")
                 with gr.Row():
                     negative_mode = gr.Radio(NEGATIVE_MODES, value="nasa", label="Negative prompt by",
                                              elem_id="negative-mode",
