@@ -22,7 +22,8 @@ primal-dual: a step on phi with L_con + lambda L_bound, then lambda <- max(0, la
 Choices the paper leaves open, made here: K = `levels` (8) evenly spaced s_k = k / K, one k per sample
 drawn uniformly from {0..K-1}; d = mean squared error in the generator's latent space (the space the
 adapter acts in; no decoder in the loss); xi = `boundary_target` (0.01, about 1% of the latents'
-variance; shapes-64's last phase allows 0.03, which made its adapter follow layouts better), eta = `dual_lr` (1.0), lambda starts at 1; no EMA (the paper's 0.9999 needs far longer runs).
+variance; shapes-64's last phase allows 0.03, which made its adapter follow layouts better), eta =
+`dual_lr` (1.0), lambda starts at 1; no EMA (the paper's 0.9999 needs far longer runs).
 The boundary constraint keeps the adapter's residuals small, and at conditioning scale 1 it followed the
 control less than at 2; so the export folds in a calibrated scale (`calibrate`: the best edge F1 on layouts
 of prompts other than the held-out ones), recorded in the folder's nct.json and taken out again when a run
