@@ -104,6 +104,20 @@ def test_clip_trains_and_resumes(tmp_path):
     new = cont["model"]
     assert all(torch.equal(a, b) for a, b in zip(old.text_model.state_dict().values(), new.text_model.state_dict().values()))
     assert new.config.vision_config.patch_size == 16
+    # a text tower the teacher moved (text_from) replaces the CLIP's, over a resumed checkpoint's too
+    from training.methods.teacher import text_encoder_from_clip
+
+    moved = text_encoder_from_clip(old)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.01)
+    moved.save_pretrained(tmp_path / "moved")
+    aligned = with_overrides(cfg, [f"init_from={tmp_path / 'clip'}", "freeze_text=true", f"text_from={tmp_path / 'moved'}",
+                                   f"run_dir={tmp_path / 'run3'}", "steps=1", "save_every=1"])
+    for steps in (1, 2):  # the second run resumes the first's checkpoint
+        tower = clip.train(dataclasses.replace(aligned, steps=steps))["model"].text_model
+        assert all(torch.equal(a, b) for a, b in zip(getattr(moved, "text_model", moved).state_dict().values(),
+                                                      tower.state_dict().values()))
 
 
 def clip_pool():
@@ -163,6 +177,15 @@ def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
     assert (spec.role, spec.steps, spec.guidance_scale, spec.guidance_rescale) == ("teacher", 25, 5.0, 0.7)
     with pytest.raises(ValueError, match="cross_attention_levels"):
         teacher.build_unet(dataclasses.replace(cfg, cross_attention_levels=4), 32, 8)
+    # a later phase trains the text encoder too: it resumes the frozen phase's checkpoint (which has no text
+    # encoder), moves the text encoder, and its own checkpoint resumes with it
+    joint = dataclasses.replace(cfg, steps=5, text_lr=1e-2, eval_images=0)
+    trained = teacher.train(joint)
+    assert trained["step"] == 5
+    assert any(not torch.equal(a, b) for a, b in zip(pipe.text_encoder.state_dict().values(),
+                                                      trained["text_encoder"].state_dict().values()))
+    again = teacher.train(dataclasses.replace(joint, steps=6))
+    assert again["step"] == 6 and (tmp_path / "run" / "checkpoints" / "step-00000006" / "model-text_ema.safetensors").is_file()
 
 
 def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_saving(tmp_path):
@@ -253,7 +276,9 @@ def test_teacher_probe_runs_variants_side_by_side_and_rejects_bad_ones(tmp_path)
     assert [r["variant"] for r in rows] == ["base", "warm16"]
     for r in rows:
         assert r["steps"] >= 1 and 0 <= r["shapeeval"] <= 1 and 0 <= r["restore_snr1"] <= 1
+        assert 0 <= r["shape_follow"] <= 1
     assert rows[1]["settings"]["snr_shift"] == 16 and "init_unet" in rows[1]["settings"]
+    assert rows[1]["settings"]["init_text_encoder"].endswith("text_encoder")
     assert rows[0]["restore_strength"] < rows[1]["restore_strength"]  # SNR 1 comes later in the shifted schedule
     assert rows[0]["settings"]["block_out_channels"] == [16, 32, 32]  # a list value keeps its commas
     from pipelines import registry

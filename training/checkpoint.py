@@ -115,14 +115,18 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(ckpt: str | Path, modules: dict, optimizers: dict | None = None) -> dict:
-    """Restore modules (and optimizers) from a checkpoint folder; return its state.json."""
+def load(ckpt: str | Path, modules: dict, optimizers: dict | None = None, new: tuple = ()) -> dict:
+    """Restore modules (and optimizers) from a checkpoint folder; return its state.json. Names in `new`
+    may be missing from it (a phase that starts training a part the phase before kept fixed): those keep
+    their initial state."""
     ckpt = Path(ckpt)
     if not (ckpt / MARKER).is_file():
         raise ValueError(f"checkpoint {ckpt} is incomplete (no {MARKER} marker); resume from a complete one")
+    modules = {k: v for k, v in modules.items() if k not in new or (ckpt / f"model-{k}.safetensors").is_file()}
+    optimizers = {k: v for k, v in (optimizers or {}).items() if k not in new or (ckpt / f"optim-{k}.json").is_file()}
     for name, module in modules.items():
         module.load_state_dict(load_file(str(ckpt / f"model-{name}.safetensors")))
-    for name, opt in (optimizers or {}).items():
+    for name, opt in optimizers.items():
         _load_optim(opt, load_file(str(ckpt / f"optim-{name}.safetensors")),
                     json.loads((ckpt / f"optim-{name}.json").read_text()))
     return json.loads((ckpt / "state.json").read_text())

@@ -73,18 +73,22 @@ def make_accelerator(cfg, **kwargs):
     return Accelerator(mixed_precision=mode, **kwargs)
 
 
-def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, params, max_norm: float = 1.0,
-             accelerator=None) -> None:
-    """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm`, then the update.
-    With an `accelerator`, its backward (gradient sync across processes, loss scaling) is used."""
-    opt.zero_grad(set_to_none=True)
+def optimize(opt, loss: torch.Tensor, params, max_norm: float = 1.0, accelerator=None) -> None:
+    """One optimizer step: fresh gradients of `loss`, their norm clipped to `max_norm` (all of `params`
+    together), then the update. `opt` is an optimizer or a list of them (e.g. one per LR). With an
+    `accelerator`, its backward (gradient sync across processes, loss scaling) is used."""
+    opts = opt if isinstance(opt, (list, tuple)) else [opt]
+    params = list(params)
+    for o in opts:
+        o.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, max_norm)
     else:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_norm)
-    opt.step()
+    for o in opts:
+        o.step()
 
 
 def lr_factor(cfg, step: int) -> float:
@@ -115,12 +119,13 @@ class StopFlag:
 
 def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], dict],
                extra_state: Callable[[], dict] | None = None, on_resume: Callable[[dict], None] | None = None,
-               sample_fn: Callable[[Path, int], None] | None = None, accelerator=None) -> dict:
+               sample_fn: Callable[[Path, int], None] | None = None, accelerator=None, new: tuple = ()) -> dict:
     """Run `step_fn(step) -> metrics` from the latest complete checkpoint up to cfg.steps.
 
     `modules` (unwrapped) and `optimizers` are what a checkpoint holds. With an `accelerator`, every
     process resumes from the same checkpoint, only the main one writes checkpoints, logs and samples,
-    and all of them agree on stopping (signal or time budget) at the same step.
+    and all of them agree on stopping (signal or time budget) at the same step. Modules and optimizers
+    named in `new` may be missing from the checkpoint resumed (checkpoint.load).
     Returns the last metrics with `finished` True when cfg.steps was reached."""
     run_dir = Path(cfg.run_dir)
     is_main = accelerator is None or accelerator.is_main_process
@@ -131,7 +136,7 @@ def train_loop(cfg, modules: dict, optimizers: dict, step_fn: Callable[[int], di
         torch.set_num_threads(cfg.threads)
     start = cfg.init_step  # a warm start's step; a checkpoint overrides it
     if (last := checkpoint.latest(run_dir)) is not None:
-        state = checkpoint.load(last, modules, optimizers)
+        state = checkpoint.load(last, modules, optimizers, new=new)
         start = state["step"]
         if on_resume:
             on_resume(state)

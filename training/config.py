@@ -52,6 +52,8 @@ class ClipConfig(TrainConfig):
     save_every: int = 500
     init_from: str = ""  # continue from an exported CLIP folder: its text tower is kept
     freeze_text: bool = False  # keep the text transformer fixed (the UNets are conditioned on it)
+    text_from: str = ""  # a CLIPTextModel folder whose weights become the text transformer (the teacher's, when
+    # its training moved it), also over a resumed checkpoint's: the image tower then aligns to it
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class TeacherConfig(TrainConfig):
     data_size: int = 40000  # pre-rendered pairs, encoded to latents once per run
     eval_images: int = 48  # quick ShapeEval at each checkpoint (0: none)
     init_unet: str = ""  # warm start (no checkpoint in run_dir): a UNet folder, e.g. a partial export
+    # > 0: the text encoder trains with the UNet at this LR (its EMA ships as the teacher's text encoder), so the
+    # diffusion loss can pull apart words the contrastive CLIP left close (circle, square and heart were)
+    text_lr: float = 0.0
+    init_text_encoder: str = ""  # warm start of the text encoder: a CLIPTextModel folder (default: clip_dir's tower)
     # The shipped run used batch 64 (12,000 steps planned) up to step 4,361, then batch 32 over a 40,000-step
     # schedule: on 2 CPU cores twice the updates per hour did more than the larger batch (samples at 4,000
     # steps were still blobs, quick ShapeEval 0.08-0.25 from step 1,500 to 4,000).

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel, CLIPTokenizer
 
 from shapes import COLORS, SHAPES
 from shapes.grammar import NUMBERS, PLURALS
@@ -139,6 +139,13 @@ def train(cfg) -> dict:
     acc = make_accelerator(cfg)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
     model = (continue_from(cfg, tokenizer) if cfg.init_from else build_model(cfg, tokenizer)).to(acc.device)
+
+    def take_text_tower(_state=None):
+        if cfg.text_from:
+            enc = CLIPTextModel.from_pretrained(cfg.text_from, use_safetensors=True, dtype=torch.float32)
+            model.text_model.load_state_dict(getattr(enc, "text_model", enc).state_dict())
+
+    take_text_tower()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model_w, opt = acc.prepare(model, opt)
@@ -155,7 +162,7 @@ def train(cfg) -> dict:
         optimize(opt, loss, params, accelerator=acc)
         return {"loss": loss.detach(), "lr": opt.param_groups[0]["lr"]}  # no sync: read when logged
 
-    result = train_loop(cfg, {"clip": model}, {"clip": opt}, step, accelerator=acc)
+    result = train_loop(cfg, {"clip": model}, {"clip": opt}, step, accelerator=acc, on_resume=take_text_tower)
     result["model"] = model
     result["tokenizer"] = tokenizer
     return result

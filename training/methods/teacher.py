@@ -11,6 +11,9 @@ and negative prompts work. An EMA of the weights is what ships.
 
 Conditioning: the last hidden state of the tiny CLIP's text tower, prompts padded to the tokenizer's
 length without an attention mask -- exactly what `StableDiffusionPipeline.encode_prompt` feeds it.
+The tower is frozen unless `text_lr` > 0: then the diffusion loss trains it too. That is for words the
+contrastive CLIP placed close together (circle, square and heart were): the UNet followed it and drew
+one round blob for all three.
 """
 from __future__ import annotations
 
@@ -146,7 +149,8 @@ def train(cfg) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     clip = CLIPModel.from_pretrained(cfg.clip_dir, use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(cfg.clip_dir)
-    text_encoder = text_encoder_from_clip(clip).requires_grad_(False).to(device)
+    text_encoder = (CLIPTextModel.from_pretrained(cfg.init_text_encoder, use_safetensors=True, dtype=torch.float32)
+                    if cfg.init_text_encoder else text_encoder_from_clip(clip)).requires_grad_(False).to(device)
     vae = AutoencoderKL.from_pretrained(cfg.vae_dir, use_safetensors=True).eval().requires_grad_(False).to(device)
     unet = build_unet(cfg, text_encoder.config.hidden_size, vae.config.latent_channels)
     if cfg.init_unet:  # warm start from an exported EMA (a checkpoint in run_dir still wins)
@@ -156,6 +160,16 @@ def train(cfg) -> dict:
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     unet_w, opt = acc.prepare(unet, opt)
+    modules, optimizers, opts = {"unet": unet, "ema": ema}, {"unet": opt}, [opt]
+    text_ema = text_encoder
+    if cfg.text_lr > 0:  # the text encoder trains too: its own optimizer (LR) and EMA, both in the checkpoint
+        text_ema = copy.deepcopy(text_encoder)
+        text_encoder.train().requires_grad_(True)
+        text_opt = torch.optim.AdamW(text_encoder.parameters(), lr=cfg.text_lr, weight_decay=cfg.weight_decay)
+        text_w, text_opt = acc.prepare(text_encoder, text_opt)
+        modules.update(text_encoder=text_encoder, text_ema=text_ema)
+        optimizers["text_encoder"] = text_opt
+        opts.append(text_opt)
     noise_sched = DDPMScheduler(**{**schedule(cfg.snr_shift), "num_train_timesteps": cfg.num_train_timesteps})
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas).clamp_min(1e-8)
@@ -167,24 +181,32 @@ def train(cfg) -> dict:
     unique = sorted(set(prompts))
     row = {p: k for k, p in enumerate(unique)}
     prompt_rows = torch.tensor([row[p] for p in prompts], device=device)
-    embeds = torch.cat([encode_text(text_encoder, tokenizer, unique[k:k + 512]) for k in range(0, len(unique), 512)]
-                       + [encode_text(text_encoder, tokenizer, [""])])
+    if cfg.text_lr > 0:  # token ids, encoded in every step
+        token_ids = tokenizer(unique + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(device)
+    else:  # encoded once: no tokenizer or text encoder in the step
+        embeds = torch.cat([encode_text(text_encoder, tokenizer, unique[k:k + 512])
+                            for k in range(0, len(unique), 512)] + [encode_text(text_encoder, tokenizer, [""])])
     rng = np.random.default_rng(cfg.seed + 3 + 7919 * acc.process_index)
     gen = torch.Generator(device).manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
     ema_params, params = list(ema.parameters()), list(unet.parameters())
+    if cfg.text_lr > 0:
+        ema_params += list(text_ema.parameters())
+        params += list(text_encoder.parameters())
 
     def step(i):
         idx = torch.from_numpy(rng.integers(len(prompts), size=cfg.batch_size)).to(device)
         z0 = latents[idx]
         dropped = torch.from_numpy(rng.random(cfg.batch_size) < cfg.uncond_prob).to(device)
-        cond = embeds[torch.where(dropped, len(unique), prompt_rows[idx])]
+        rows = torch.where(dropped, len(unique), prompt_rows[idx])
+        cond = text_w(token_ids[rows])[0] if cfg.text_lr > 0 else embeds[rows]
         noise = torch.randn(z0.shape, generator=gen, device=device)
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=gen, device=device)
         zt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
         pred = unet_w(zt, t, cond).sample
         loss = (weight[t] * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
-        optimize(opt, loss, params, accelerator=acc)
+        optimize(opts, loss, params, accelerator=acc)
         decay = min(cfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
@@ -192,16 +214,16 @@ def train(cfg) -> dict:
 
     def sample(folder: Path, at_step: int):
         ema.eval()
-        score, imgs = quick_eval(make_pipeline(ema, vae, text_encoder, tokenizer, cfg.snr_shift), cfg.eval_images,
+        score, imgs = quick_eval(make_pipeline(ema, vae, text_ema.eval(), tokenizer, cfg.snr_shift), cfg.eval_images,
                                  seed=at_step)
         save_grid(list(imgs), folder / f"step-{at_step:08d}.png")  # atomic: the Train tab may be reading it
         with open(Path(cfg.run_dir) / "metrics.jsonl", "a") as f:
             f.write(f'{{"step": {at_step}, "sample_shapeeval": {score:.4f}}}\n')
         print(f"step {at_step}: quick ShapeEval {score:.3f}", flush=True)
 
-    result = train_loop(cfg, {"unet": unet, "ema": ema}, {"unet": opt}, step,
-                        sample_fn=sample if cfg.eval_images else None, accelerator=acc)
-    result.update(unet=ema, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, snr_shift=cfg.snr_shift)
+    result = train_loop(cfg, modules, optimizers, step, sample_fn=sample if cfg.eval_images else None,
+                        accelerator=acc, new=("text_encoder", "text_ema"))
+    result.update(unet=ema, vae=vae, text_encoder=text_ema.eval(), tokenizer=tokenizer, snr_shift=cfg.snr_shift)
     return result
 
 

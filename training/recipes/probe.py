@@ -6,7 +6,7 @@ measure what each learned -- to choose a recipe before spending a long run on it
         --variant attn:block_out_channels=[64,128,128],cross_attention_levels=3
 
 A variant is NAME[:key=value,...] with TeacherConfig keys (`init=teacher` warm-starts from OUT/teacher's
-UNet). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME (the registry serves it
+UNet and text encoder). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME (the registry serves it
 by path). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
 WORK/probe-NAME, each from its first step. Each reports its steps, final loss and two ShapeEval pass
 rates on the same fixed prompts and seeds:
@@ -14,7 +14,11 @@ rates on the same fixed prompts and seeds:
 - `shapeeval`: samples at the teacher's default 25 steps and CFG 5;
 - `restore_snr1`: real renders noised to SNR 1 (as much noise as signal) and denoised (img2img from the
   timestep where the variant's own schedule reaches SNR 1, so variants with other schedules compare
-  fairly): it shows whether a model restores shapes it is half given.
+  fairly): it shows whether a model restores shapes it is half given;
+- `shape_follow`: from one noise, one object of each of the six shapes asked for (a color per noise, on
+  black; a noise per 16 prompts): the fraction ShapeEval judges right, i.e. whether the model reads the
+  shape word (the step-30,000 teacher drew one round blob for circle, square and heart, and one spiky
+  one for triangle, star and cross).
 """
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, thr
 
     changes = dict(changes)
     if changes.pop("init", None):
-        changes["init_unet"] = str(out / "teacher" / "unet")
+        changes.update(init_unet=str(out / "teacher" / "unet"), init_text_encoder=str(out / "teacher" / "text_encoder"))
     cfg = TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), run_dir=str(work / f"probe-{name}"),
                         max_seconds=seconds, threads=threads, **{**DEFAULTS, **changes})
     res = teacher.train(cfg)
@@ -87,7 +91,29 @@ def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, thr
                        **common).images
     return {"variant": name, "settings": changes, "steps": res["step"] - cfg.init_step, "seconds": seconds,
             "loss": round(float(res.get("loss", float("nan"))), 5), "shapeeval": passed(samples),
-            "restore_snr1": passed(restored), "restore_strength": round((t_snr1 + 1) / len(ac), 3)}
+            "restore_snr1": passed(restored), "restore_strength": round((t_snr1 + 1) / len(ac), 3),
+            "shape_follow": shape_following(pipe, max(1, prompts // 16), common)}
+
+
+def shape_following(pipe, noises: int, common: dict) -> float:
+    """`shape_follow` of the module docstring."""
+    import numpy as np
+    import torch
+
+    from shapes import COLORS, SHAPES, judge
+
+    right = []
+    for k in range(noises):
+        color = [c for c in COLORS if c != "black"][k % (len(COLORS) - 1)]
+        texts = [f"a {color} {shape} on a black background" for shape in SHAPES]
+        unet = pipe.unet.config
+        noise = torch.randn((1, unet.in_channels, unet.sample_size, unet.sample_size),
+                            generator=torch.Generator().manual_seed(k))
+        with torch.no_grad():
+            images = pipe(texts, height=64, width=64, latents=noise.repeat(len(texts), 1, 1, 1), **common).images
+        images = (np.asarray(images) * 255).round().astype(np.uint8)
+        right += [judge(t, im)[0] for t, im in zip(texts, images)]
+    return float(np.mean(right))
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,9 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import clip
 
         warm = _warm_start(out, work, stage, "init_from", "clip")  # the committed tower, at its recorded step
-        phases = [with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), freeze_text=True, patch_size=4,
+        # the text tower is the teacher's text encoder, the UNets' conditioner (the teacher may have trained it)
+        text = {"text_from": str(out / "teacher" / "text_encoder")} if (out / "teacher" / "text_encoder").is_dir() else {}
+        phases = [with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), freeze_text=True, patch_size=4, **text,
                                             **{"init_from": str(out / "clip"), **common, **phase, **warm}),
                                  _overrides(args.set, stage)) for phase in CLIP_VISION_PHASES]
         res = _run_phases(clip.train, phases, work / stage, warm)
@@ -178,6 +180,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import teacher
 
         warm = _warm_start(out, work, stage, "init_unet")
+        if warm:  # the export's text encoder too (a phase with text_lr moved it away from the CLIP's)
+            warm["init_text_encoder"] = str(out / "teacher" / "text_encoder")
         phases = [with_overrides(TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), **common,
                                                **phase, **warm), _overrides(args.set, stage))
                   for phase in TEACHER_PHASES]
