@@ -208,19 +208,26 @@ def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_sav
 
 
 def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
-    from diffusers import DiffusionPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline
     from transformers import CLIPModel
 
     from training.recipes import shapes as recipe
 
     tiny = ["clip.steps=1", "clip.batch_size=4", "clip.hidden_size=32", "clip.layers=1", "clip.heads=2",
             "clip.data_size=16", "vae.steps=1", "vae.batch_size=2", "vae.block_out_channels=[16,16,16]",
-            "vae.data_size=16", "teacher.steps=1", "teacher.batch_size=2", "teacher.block_out_channels=[16,32,32]",
+            "vae.data_size=16", "vae_decoder.steps=1", "vae_decoder.batch_size=2", "vae_decoder.data_size=16",
+            "teacher.steps=1", "teacher.batch_size=2", "teacher.block_out_channels=[16,32,32]",
             "teacher.data_size=16", "teacher.eval_images=0"]
     args = ["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")] + [a for t in tiny for a in ("--set", t)]
-    assert recipe.main(args + ["--stages", "tokenizer,clip,vae,teacher"]) == 0
+    assert recipe.main(args + ["--stages", "tokenizer,clip,vae"]) == 0
+    before = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")
+    encoder, decoder = before.encoder.state_dict(), before.decoder.state_dict()
+    assert recipe.main(args + ["--stages", "vae_decoder,teacher"]) == 0
+    tuned = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")  # the decoder moved, the encoder did not
+    assert all(torch.equal(v, tuned.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not all(torch.equal(v, tuned.decoder.state_dict()[k]) for k, v in decoder.items())
     record = json.loads((tmp_path / "out" / "recipe.json").read_text())
-    assert set(record) == {"tokenizer", "clip", "vae", "teacher"}
+    assert set(record) == {"tokenizer", "clip", "vae", "vae_decoder", "teacher"}
     assert all(r["wall_seconds"] >= 0 and r["finished"] for r in record.values())
     assert DiffusionPipeline.from_pretrained(tmp_path / "out" / "teacher").unet.config.in_channels == 8
     # a second run resumes every stage at its last step instead of training again

@@ -8,7 +8,7 @@ from its latest complete checkpoint when run again, and exports its model in the
 under --out when it finishes:
 
     OUT/clip/      CLIPModel + CLIPTokenizer + CLIPImageProcessor (reward, CLIP score)
-    OUT/vae/       AutoencoderKL
+    OUT/vae/       AutoencoderKL (its decoder fine-tuned again by the vae_decoder stage)
     OUT/tiny-decoder/  AutoencoderTiny distilled from the VAE's decoder (the `--tiny-decoder` of shapes-64)
     OUT/teacher/   StableDiffusionPipeline (text encoder = the CLIP text tower)
     OUT/controlnet-canny/  ControlNetModel for the teacher (canny maps of rendered images)
@@ -37,8 +37,8 @@ from training.config import ClipConfig, TeacherConfig, VaeConfig, with_overrides
 from training.data import cache_dir, make_pool
 
 PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
-STAGES = ("tokenizer", "clip", "vae", "tiny_decoder", "teacher", "clip_vision", "controlnet", "student", "nct",
-          "student_4step", "msd", "report")
+STAGES = ("tokenizer", "clip", "vae", "vae_decoder", "tiny_decoder", "teacher", "clip_vision", "controlnet",
+          "student", "nct", "student_4step", "msd", "report")
 # DMD2 settings shared by the embedded students (CPU-sized: small batch, a few thousand steps)
 STUDENT = dict(prompts="shapes", height=64, width=64, real_guidance=5.0, ratio=5, gan_weight=1e-3, batch_size=16,
                lr=5e-5, guidance_lr=5e-5, steps=3000, save_every=250, eval_images=48)
@@ -52,6 +52,10 @@ STUDENT_PHASES = {"student": [dict(steps=4000), dict(steps=5000, decay_start=400
 # one run, as the students' do. The shipped tower ran the second phase as two time-bounded runs warm-started from
 # its export on a lent H100, 3,750 steps in all (recipe.json), so a run here continues it from step 6,750.
 CLIP_VISION_PHASES = [dict(steps=3000), dict(steps=7000, batch_size=512, lr=3e-4, decay_start=3000, data_size=40000)]
+# The VAE's decoder alone, fine-tuned from the exported VAE (encoder and latents unchanged, so every UNet stays
+# valid): 800 steps at LR 1e-4 with shape outlines weighted 5x, for small squares' corners and triangles' tips
+# (reconstruction ShapeEval on 512 fresh renders 0.969 -> 0.979, on 512 others 0.979 -> 0.980; PSNR 37.4 -> 37.8 dB)
+VAE_DECODER = dict(decoder_only=True, edge_weight=4.0, lr=1e-4, steps=800, warmup=20, save_every=200)
 # The teacher in phases, each resuming the one before. The shipped run to step 17,086 (batch 64, then 32 over a
 # 40,000-step schedule on this CPU, then batch 128 on a lent H100); then on with SD's noise schedule shifted to 16x
 # the SNR at every timestep (teacher.schedule), which suits 16x16 latents: warm from that teacher, the shift doubled
@@ -162,6 +166,15 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
         from training.methods import vae
 
         cfg = with_overrides(VaeConfig(**common), _overrides(args.set, stage))
+        res = vae.train(cfg)
+        if res["finished"] or args.export_partial:
+            vae.export(res["model"], out / "vae")
+        return res
+    if stage == "vae_decoder":
+        from training.methods import vae
+
+        cfg = with_overrides(VaeConfig(init_from=str(out / "vae"), **{**common, **VAE_DECODER}),
+                             _overrides(args.set, stage))
         res = vae.train(cfg)
         if res["finished"] or args.export_partial:
             vae.export(res["model"], out / "vae")
