@@ -112,8 +112,9 @@ def test_clip_trains_and_resumes(tmp_path):
         for p in moved.parameters():
             p.add_(0.01)
     moved.save_pretrained(tmp_path / "moved")
-    aligned = with_overrides(cfg, [f"init_from={tmp_path / 'clip'}", "freeze_text=true", f"text_from={tmp_path / 'moved'}",
-                                   f"run_dir={tmp_path / 'run3'}", "steps=1", "save_every=1"])
+    aligned = with_overrides(cfg, [f"init_from={tmp_path / 'clip'}", "freeze_text=true",
+                                   f"text_from={tmp_path / 'moved'}", f"run_dir={tmp_path / 'run3'}", "steps=1",
+                                   "save_every=1"])
     for steps in (1, 2):  # the second run resumes the first's checkpoint
         tower = clip.train(dataclasses.replace(aligned, steps=steps))["model"].text_model
         assert all(torch.equal(a, b) for a, b in zip(getattr(moved, "text_model", moved).state_dict().values(),
@@ -185,7 +186,8 @@ def test_teacher_trains_resumes_and_exports_a_standard_pipeline(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(pipe.text_encoder.state_dict().values(),
                                                       trained["text_encoder"].state_dict().values()))
     again = teacher.train(dataclasses.replace(joint, steps=6))
-    assert again["step"] == 6 and (tmp_path / "run" / "checkpoints" / "step-00000006" / "model-text_ema.safetensors").is_file()
+    assert again["step"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006" / "model-text_ema.safetensors").is_file()
 
 
 def test_snr_shift_multiplies_every_snr_keeps_zero_terminal_snr_and_survives_saving(tmp_path):
