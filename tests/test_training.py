@@ -228,6 +228,13 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     tuned = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae")  # the decoder moved, the encoder did not
     assert all(torch.equal(v, tuned.encoder.state_dict()[k]) for k, v in encoder.items())
     assert not all(torch.equal(v, tuned.decoder.state_dict()[k]) for k, v in decoder.items())
+    import shutil
+
+    shutil.rmtree(tmp_path / "work" / "vae_decoder")  # a fresh machine: the recorded step, not a second fine-tune
+    assert recipe.main(args + ["--stages", "vae_decoder"]) == 0
+    assert _metric_steps(tmp_path / "work" / "vae_decoder") == []
+    again = AutoencoderKL.from_pretrained(tmp_path / "out" / "vae").decoder.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in tuned.decoder.state_dict().items())
     record = json.loads((tmp_path / "out" / "recipe.json").read_text())
     assert set(record) == {"tokenizer", "clip", "vae", "vae_decoder", "teacher"}
     assert all(r["wall_seconds"] >= 0 and r["finished"] for r in record.values())
@@ -236,8 +243,6 @@ def test_recipe_builds_the_family_from_nothing_and_resumes(tmp_path):
     assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=2"]) == 0
     assert json.loads((tmp_path / "out" / "recipe.json").read_text())["teacher"]["step"] == 2
     # a fresh machine (no run folder): the teacher warm-starts from its export at the recorded step
-    import shutil
-
     shutil.rmtree(tmp_path / "work" / "teacher")
     assert recipe.main(args + ["--stages", "teacher", "--set", "teacher.steps=3"]) == 0
     assert _metric_steps(tmp_path / "work" / "teacher") == [3]

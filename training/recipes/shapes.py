@@ -156,7 +156,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
 
         warm = _warm_start(out, work, stage, "init_from", "clip")  # the committed tower, at its recorded step
         # the text tower is the teacher's text encoder, the UNets' conditioner (the teacher may have trained it)
-        text = {"text_from": str(out / "teacher" / "text_encoder")} if (out / "teacher" / "text_encoder").is_dir() else {}
+        moved_tower = out / "teacher" / "text_encoder"
+        text = {"text_from": str(moved_tower)} if moved_tower.is_dir() else {}
         phases = [with_overrides(ClipConfig(tokenizer_dir=str(out / "clip"), freeze_text=True, patch_size=4, **text,
                                             **{"init_from": str(out / "clip"), **common, **phase, **warm}),
                                  _overrides(args.set, stage)) for phase in CLIP_VISION_PHASES]
@@ -173,7 +174,8 @@ def run_stage(stage: str, out: Path, work: Path, args) -> dict:
     if stage == "vae_decoder":
         from training.methods import vae
 
-        cfg = with_overrides(VaeConfig(init_from=str(out / "vae"), **{**common, **VAE_DECODER}),
+        warm = _warm_start(out, work, stage, "init_from", "vae")  # its recorded step: not fine-tuned twice
+        cfg = with_overrides(VaeConfig(**{**common, **VAE_DECODER, "init_from": str(out / "vae"), **warm}),
                              _overrides(args.set, stage))
         res = vae.train(cfg)
         if res["finished"] or args.export_partial:
