@@ -161,6 +161,7 @@ def train(cfg) -> dict:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     unet_w, opt = acc.prepare(unet, opt)
     modules, optimizers, opts = {"unet": unet, "ema": ema}, {"unet": opt}, [opt]
+    ema_params, params = list(ema.parameters()), list(unet.parameters())
     text_ema = text_encoder
     if cfg.text_lr > 0:  # the text encoder trains too: its own optimizer (LR) and EMA, both in the checkpoint
         text_ema = copy.deepcopy(text_encoder)
@@ -170,6 +171,8 @@ def train(cfg) -> dict:
         modules.update(text_encoder=text_encoder, text_ema=text_ema)
         optimizers["text_encoder"] = text_opt
         opts.append(text_opt)
+        ema_params += list(text_ema.parameters())
+        params += list(text_encoder.parameters())
     noise_sched = DDPMScheduler(**{**schedule(cfg.snr_shift), "num_train_timesteps": cfg.num_train_timesteps})
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas).clamp_min(1e-8)
@@ -189,10 +192,6 @@ def train(cfg) -> dict:
                             for k in range(0, len(unique), 512)] + [encode_text(text_encoder, tokenizer, [""])])
     rng = np.random.default_rng(cfg.seed + 3 + 7919 * acc.process_index)
     gen = torch.Generator(device).manual_seed(cfg.seed + 4 + 7919 * acc.process_index)
-    ema_params, params = list(ema.parameters()), list(unet.parameters())
-    if cfg.text_lr > 0:
-        ema_params += list(text_ema.parameters())
-        params += list(text_encoder.parameters())
 
     def step(i):
         idx = torch.from_numpy(rng.integers(len(prompts), size=cfg.batch_size)).to(device)

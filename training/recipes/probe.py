@@ -6,8 +6,8 @@ measure what each learned -- to choose a recipe before spending a long run on it
         --variant attn:block_out_channels=[64,128,128],cross_attention_levels=3
 
 A variant is NAME[:key=value,...] with TeacherConfig keys (`init=teacher` warm-starts from OUT/teacher's
-UNet and text encoder). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME (the registry serves it
-by path). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
+UNet and text encoder). `--export DIR` saves each variant as a teacher pipeline folder DIR/NAME (the registry
+serves it by path). The variants run as concurrent processes (one GPU holds them all; on a CPU give --threads) in
 WORK/probe-NAME, each from its first step. Each reports its steps, final loss and two ShapeEval pass
 rates on the same fixed prompts and seeds:
 
@@ -65,7 +65,8 @@ def run_one(name: str, changes: dict, out: Path, work: Path, seconds: float, thr
 
     changes = dict(changes)
     if changes.pop("init", None):
-        changes.update(init_unet=str(out / "teacher" / "unet"), init_text_encoder=str(out / "teacher" / "text_encoder"))
+        changes.update(init_unet=str(out / "teacher" / "unet"),
+                       init_text_encoder=str(out / "teacher" / "text_encoder"))
     cfg = TeacherConfig(clip_dir=str(out / "clip"), vae_dir=str(out / "vae"), run_dir=str(work / f"probe-{name}"),
                         max_seconds=seconds, threads=threads, **{**DEFAULTS, **changes})
     res = teacher.train(cfg)
@@ -102,11 +103,9 @@ def shape_following(pipe, noises: int, common: dict) -> float:
 
     from shapes import COLORS, SHAPES, judge
 
-    right = []
+    colors, unet, right = [c for c in COLORS if c != "black"], pipe.unet.config, []
     for k in range(noises):
-        color = [c for c in COLORS if c != "black"][k % (len(COLORS) - 1)]
-        texts = [f"a {color} {shape} on a black background" for shape in SHAPES]
-        unet = pipe.unet.config
+        texts = [f"a {colors[k % len(colors)]} {shape} on a black background" for shape in SHAPES]
         noise = torch.randn((1, unet.in_channels, unet.sample_size, unet.sample_size),
                             generator=torch.Generator().manual_seed(k))
         with torch.no_grad():
