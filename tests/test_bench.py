@@ -96,3 +96,25 @@ def test_reward_rank_counts_pass_fail_pairs_within_each_prompt(tmp_path, capsys)
     assert res["rewards"]["clip"]["all"]["accuracy"] in (0.0, 0.5, 1.0)
     assert reward_rank.main([str(tmp_path / "nowhere")]) == 2
     assert "has no results.jsonl" in capsys.readouterr().err
+
+
+def test_reno_trajectory_judges_every_iterate_and_each_selector(tmp_path, capsys):
+    """bench.reno_trajectory: start / best / last / any / mean and a selector's choice from per-iterate verdicts;
+    a real (short) run on the shipped student; a bad reward weight is a one-line error."""
+    from bench import reno_trajectory as rt
+
+    row = {"prompt": "a star", "category": "single_object", "passed": [False, True, False], "best_iteration": 2,
+           "scores": {"contrast": [0.0, 5.0, 1.0]}}
+    assert rt.outcomes(row) == {"start": 0.0, "best": 0.0, "last": 0.0, "any": 1.0, "mean": 1 / 3,
+                                "by contrast": 1.0}
+    res = rt.run(["a red circle", "a square left of a star"], "shapes-64", "clip=0.01", ["contrast"],
+                 rt.RenoConfig(iterations=3))
+    rows, summary = res["rows"], res["summary"]
+    assert [len(r["passed"]) for r in rows] == [3, 3] and all(len(r["scores"]["contrast"]) == 3 for r in rows)
+    assert all(0 <= r["best_iteration"] < 3 for r in rows)
+    assert summary["all"]["prompts"] == 2 and {"colors", "position"} <= set(summary)
+    assert summary["all"]["any"] >= max(summary["all"][k] for k in ("start", "best", "last", "by contrast"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert rt.main(["--prompts", str(prompts), "--rewards", "clip=lots"]) == 2
+    assert "is not a number" in capsys.readouterr().err
