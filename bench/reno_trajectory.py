@@ -31,9 +31,9 @@ from pipelines.evaluate import read_prompts
 from pipelines.reno import RenoConfig, Refinement
 from shapes import judge, parse
 
-def to_tensor(image) -> torch.Tensor:
-    """A PIL image -> (1, 3, H, W) in [-1, 1], as rewards take it."""
-    arr = np.array(image.convert("RGB"))  # a writable copy
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 image -> (1, 3, H, W) in [-1, 1], as rewards take it."""
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
@@ -43,10 +43,11 @@ def trajectory(pipe, spec, prompt: str, weights: str | None, config: RenoConfig,
     run = Refinement(pipe, spec, prompt, weights, seed=seed, config=config)
     passed, scores = [], {name: [] for name in selectors}
     for step in run:  # ReNO differentiates inside each step: only the scoring runs without gradients
-        passed.append(bool(judge(prompt, np.asarray(step.image.convert("RGB")))[0]))
+        arr = np.array(step.image.convert("RGB"))  # a writable copy: torch takes it as is
+        passed.append(bool(judge(prompt, arr)[0]))
         with torch.no_grad():
             for name, reward in selectors.items():
-                scores[name].append(float(reward.score(to_tensor(step.image), [prompt])[0]))
+                scores[name].append(float(reward.score(to_tensor(arr), [prompt])[0]))
     return {"prompt": prompt, "category": parse(prompt).category, "passed": passed,
             "best_iteration": run.best_iteration, "scores": scores}
 
