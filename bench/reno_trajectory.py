@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the summary and every trajectory here")
     args = ap.parse_args(argv)
     try:
+        if args.limit < 0:
+            raise ValueError(f"--limit {args.limit} is negative; allowed: 0 (all prompts) or more")
         prompts = read_prompts(args.prompts)[: args.limit or None]
         if args.rewards:
             rewards.parse_weights(args.rewards)  # a one-line error before any model loads

@@ -118,3 +118,5 @@ def test_reno_trajectory_judges_every_iterate_and_each_selector(tmp_path, capsys
     prompts.write_text("a red circle\n")
     assert rt.main(["--prompts", str(prompts), "--rewards", "clip=lots"]) == 2
     assert "is not a number" in capsys.readouterr().err
+    assert rt.main(["--prompts", str(prompts), "--limit", "-1"]) == 2
+    assert "--limit -1 is negative" in capsys.readouterr().err
