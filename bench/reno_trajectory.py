@@ -30,11 +30,7 @@ from pipelines import registry, rewards
 from pipelines.evaluate import read_prompts
 from pipelines.reno import RenoConfig, Refinement
 from shapes import judge, parse
-
-
-def to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """An (H, W, 3) uint8 image -> (1, 3, H, W) in [-1, 1], as rewards take it."""
-    return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+from training.common import to_tensor
 
 
 def trajectory(pipe, spec, prompt: str, weights: str | None, config: RenoConfig, seed: int,
@@ -47,7 +43,7 @@ def trajectory(pipe, spec, prompt: str, weights: str | None, config: RenoConfig,
         passed.append(bool(judge(prompt, arr)[0]))
         with torch.no_grad():
             for name, reward in selectors.items():
-                scores[name].append(float(reward.score(to_tensor(arr), [prompt])[0]))
+                scores[name].append(float(reward.score(to_tensor(arr[None]), [prompt])[0]))
     return {"prompt": prompt, "category": parse(prompt).category, "passed": passed,
             "best_iteration": run.best_iteration, "scores": scores}
 

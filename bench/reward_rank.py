@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipelines import registry, rewards
 from pipelines.evaluate import read_results
+from training.common import to_tensor
 
 
 def read_groups(folder: Path) -> list[list[dict]]:
@@ -36,7 +37,7 @@ def read_groups(folder: Path) -> list[list[dict]]:
 def _images(folder: Path, rows: list[dict]) -> torch.Tensor:
     arrays = [np.asarray(Image.open(folder / f"{r['prompt_index']}_{r['image_index']}.png").convert("RGB"))
               for r in rows]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_tensor(np.stack(arrays))
 
 
 def pairwise_accuracy(scores: torch.Tensor, passed: list[bool]) -> list[float]:
