@@ -2,6 +2,7 @@
 
     python -m bench.reno_trajectory --prompts FILE [--model shapes-64] [--rewards clip=0.01]
         [--select-by clip,contrast] [--iterations 50] [--seed 0] [--limit N] [--json out.json]
+        [--save-iterates iterates.npz]
 
 Every prompt is refined from its seed's noise with ReNO at its default settings (or --iterations /
 --rewards), and every iterate is judged by ShapeEval. Reported overall and per category, as pass rates:
@@ -15,6 +16,9 @@ Every prompt is refined from its seed's noise with ReNO at its default settings 
 
 `any` against `best` is what a better-ranking reward could still gain from the same gradient steps,
 and `by R` says whether reward R is such a ranker. ShapeEval stays the judge, never a reward.
+`--save-iterates` keeps every iterate (uint8 images [prompt, iterate, H, W, 3], ShapeEval's verdicts,
+ReNO's choice and the prompts, in one .npz without pickles), so a new ranker can be tried on the same
+trajectories without running ReNO again.
 """
 from __future__ import annotations
 
@@ -34,16 +38,20 @@ from training.common import to_tensor
 
 
 def trajectory(pipe, spec, prompt: str, weights: str | None, config: RenoConfig, seed: int,
-               selectors: dict) -> dict:
-    """One ReNO run: per iterate, ShapeEval's verdict and each selector reward's score."""
+               selectors: dict, images: list | None = None) -> dict:
+    """One ReNO run: per iterate, ShapeEval's verdict and each selector reward's score (and, given a
+    list `images`, the iterates appended to it as one uint8 array)."""
     run = Refinement(pipe, spec, prompt, weights, seed=seed, config=config)
-    passed, scores = [], {name: [] for name in selectors}
+    passed, scores, arrays = [], {name: [] for name in selectors}, []
     for step in run:  # ReNO differentiates inside each step: only the scoring runs without gradients
         arr = np.array(step.image.convert("RGB"))  # a writable copy: torch takes it as is
+        arrays.append(arr)
         passed.append(bool(judge(prompt, arr)[0]))
         with torch.no_grad():
             for name, reward in selectors.items():
                 scores[name].append(float(reward.score(to_tensor(arr[None]), [prompt])[0]))
+    if images is not None:
+        images.append(np.stack(arrays))
     return {"prompt": prompt, "category": parse(prompt).category, "passed": passed,
             "best_iteration": run.best_iteration, "scores": scores}
 
@@ -68,7 +76,8 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def run(prompts: list[str], model_id: str = registry.DEFAULT_MODEL, weights: str | None = None,
-        select_by: list[str] = (), config: RenoConfig = RenoConfig(), seed: int = 0, progress=None) -> dict:
+        select_by: list[str] = (), config: RenoConfig = RenoConfig(), seed: int = 0, progress=None,
+        images: list | None = None) -> dict:
     from pipelines import loading
 
     spec = registry.get(model_id)
@@ -76,11 +85,19 @@ def run(prompts: list[str], model_id: str = registry.DEFAULT_MODEL, weights: str
     selectors = {name: rewards.load(name, spec, str(pipe.unet.device)) for name in select_by}
     rows = []
     for i, prompt in enumerate(prompts):
-        rows.append(trajectory(pipe, spec, prompt, weights, config, seed, selectors))
+        rows.append(trajectory(pipe, spec, prompt, weights, config, seed, selectors, images))
         if progress:
             progress(i + 1, len(prompts))
     return {"model": model_id, "rewards": weights or "default", "iterations": config.iterations, "seed": seed,
             "summary": summarize(rows), "rows": rows}
+
+
+def save_iterates(path: str, rows: list[dict], images: list[np.ndarray]) -> None:
+    """Every iterate of every prompt (one iteration budget, so one length), with ShapeEval's verdicts
+    and ReNO's choice, as one .npz."""
+    np.savez_compressed(path, images=np.stack(images), passed=np.array([r["passed"] for r in rows]),
+                        best=np.array([r["best_iteration"] for r in rows]),
+                        prompts=np.array([r["prompt"] for r in rows]))
 
 
 def main(argv=None) -> int:
@@ -93,16 +110,21 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     ap.add_argument("--json", default=None, help="also write the summary and every trajectory here")
+    ap.add_argument("--save-iterates", default=None, help="also keep every iterate's image here (.npz)")
     args = ap.parse_args(argv)
     try:
         if args.limit < 0:
             raise ValueError(f"--limit {args.limit} is negative; allowed: 0 (all prompts) or more")
         prompts = read_prompts(args.prompts)[: args.limit or None]
+        if args.save_iterates and not args.save_iterates.endswith(".npz"):
+            raise ValueError(f"--save-iterates {args.save_iterates!r} must end in .npz (a numpy archive, no pickles)")
+        images = [] if args.save_iterates else None
         if args.rewards:
             rewards.parse_weights(args.rewards)  # a one-line error before any model loads
         res = run(prompts, args.model, args.rewards, [n.strip() for n in args.select_by.split(",") if n.strip()],
                   RenoConfig(iterations=args.iterations).check(), args.seed,
-                  progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True))
+                  progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True),
+                  images=images)
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -114,6 +136,8 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+    if args.save_iterates:
+        save_iterates(args.save_iterates, res["rows"], images)
     return 0
 
 

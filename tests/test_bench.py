@@ -2,6 +2,7 @@
 section produces its numbers, the results JSON and the README table are written."""
 import json
 
+import numpy as np
 import pytest
 
 from bench import report
@@ -120,3 +121,16 @@ def test_reno_trajectory_judges_every_iterate_and_each_selector(tmp_path, capsys
     assert "is not a number" in capsys.readouterr().err
     assert rt.main(["--prompts", str(prompts), "--limit", "-1"]) == 2
     assert "--limit -1 is negative" in capsys.readouterr().err
+    assert rt.main(["--prompts", str(prompts), "--save-iterates", str(tmp_path / "it.pkl")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
+    saved = tmp_path / "it.npz"
+    assert rt.main(["--prompts", str(prompts), "--iterations", "2", "--save-iterates", str(saved),
+                    "--json", str(tmp_path / "t.json")]) == 0
+    data = np.load(saved)  # no pickles: allow_pickle stays False
+    kept = json.loads((tmp_path / "t.json").read_text())["rows"][0]
+    assert data["images"].shape == (1, 2, 64, 64, 3) and data["images"].dtype == np.uint8
+    assert data["passed"].tolist() == [kept["passed"]] and data["best"].tolist() == [kept["best_iteration"]]
+    assert data["prompts"].tolist() == ["a red circle"]
+    from shapes import judge
+
+    assert [bool(judge("a red circle", im)[0]) for im in data["images"][0]] == kept["passed"]
