@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,6 +119,9 @@ def main(argv=None) -> int:
         prompts = read_prompts(args.prompts)[: args.limit or None]
         if args.save_iterates and not args.save_iterates.endswith(".npz"):
             raise ValueError(f"--save-iterates {args.save_iterates!r} must end in .npz (a numpy archive, no pickles)")
+        for flag, out in (("--json", args.json), ("--save-iterates", args.save_iterates)):
+            if out and not Path(out).resolve().parent.is_dir():  # checked before the run, whose work it would lose
+                raise ValueError(f"{flag} {out!r}: folder {str(Path(out).parent)!r} does not exist; create it first")
         images = [] if args.save_iterates else None
         if args.rewards:
             rewards.parse_weights(args.rewards)  # a one-line error before any model loads

@@ -123,6 +123,8 @@ def test_reno_trajectory_judges_every_iterate_and_each_selector(tmp_path, capsys
     assert "--limit -1 is negative" in capsys.readouterr().err
     assert rt.main(["--prompts", str(prompts), "--save-iterates", str(tmp_path / "it.pkl")]) == 2
     assert "must end in .npz" in capsys.readouterr().err
+    assert rt.main(["--prompts", str(prompts), "--save-iterates", str(tmp_path / "no" / "it.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     saved = tmp_path / "it.npz"
     assert rt.main(["--prompts", str(prompts), "--iterations", "2", "--save-iterates", str(saved),
                     "--json", str(tmp_path / "t.json")]) == 0
