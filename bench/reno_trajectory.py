@@ -39,22 +39,22 @@ from training.common import to_tensor
 
 
 def trajectory(pipe, spec, prompt: str, weights: str | None, config: RenoConfig, seed: int,
-               selectors: dict, images: list | None = None) -> dict:
-    """One ReNO run: per iterate, ShapeEval's verdict and each selector reward's score (and, given a
-    list `images`, the iterates appended to it as one uint8 array)."""
+               selectors: dict) -> dict:
+    """One ReNO run: per iterate, ShapeEval's verdict and each selector reward's score, and the
+    iterates themselves (uint8 [iterate, H, W, 3]) under "images"."""
     run = Refinement(pipe, spec, prompt, weights, seed=seed, config=config)
     passed, scores, arrays = [], {name: [] for name in selectors}, []
     for step in run:  # ReNO differentiates inside each step: only the scoring runs without gradients
         arr = np.array(step.image.convert("RGB"))  # a writable copy: torch takes it as is
         arrays.append(arr)
         passed.append(bool(judge(prompt, arr)[0]))
-        with torch.no_grad():
-            for name, reward in selectors.items():
-                scores[name].append(float(reward.score(to_tensor(arr[None]), [prompt])[0]))
-    if images is not None:
-        images.append(np.stack(arrays))
+        if selectors:
+            x = to_tensor(arr[None])
+            with torch.no_grad():
+                for name, reward in selectors.items():
+                    scores[name].append(float(reward.score(x, [prompt])[0]))
     return {"prompt": prompt, "category": parse(prompt).category, "passed": passed,
-            "best_iteration": run.best_iteration, "scores": scores}
+            "best_iteration": run.best_iteration, "scores": scores, "images": np.stack(arrays)}
 
 
 def outcomes(row: dict) -> dict[str, float]:
@@ -78,19 +78,24 @@ def summarize(rows: list[dict]) -> dict:
 
 def run(prompts: list[str], model_id: str = registry.DEFAULT_MODEL, weights: str | None = None,
         select_by: list[str] = (), config: RenoConfig = RenoConfig(), seed: int = 0, progress=None,
-        images: list | None = None) -> dict:
+        keep_images: bool = False) -> dict:
+    """Every prompt's trajectory and the summary; with `keep_images`, "images" holds each prompt's
+    iterates (uint8 [iterate, H, W, 3]), kept out of the rows so they stay JSON."""
     from pipelines import loading
 
     spec = registry.get(model_id)
     pipe = loading.load_pipeline(model_id)
     selectors = {name: rewards.load(name, spec, str(pipe.unet.device)) for name in select_by}
-    rows = []
+    rows, images = [], []
     for i, prompt in enumerate(prompts):
-        rows.append(trajectory(pipe, spec, prompt, weights, config, seed, selectors, images))
+        rows.append(trajectory(pipe, spec, prompt, weights, config, seed, selectors))
+        iterates = rows[-1].pop("images")  # the rows stay JSON
+        if keep_images:
+            images.append(iterates)
         if progress:
             progress(i + 1, len(prompts))
     return {"model": model_id, "rewards": weights or "default", "iterations": config.iterations, "seed": seed,
-            "summary": summarize(rows), "rows": rows}
+            "summary": summarize(rows), "rows": rows} | ({"images": images} if keep_images else {})
 
 
 def save_iterates(path: str, rows: list[dict], images: list[np.ndarray]) -> None:
@@ -122,13 +127,12 @@ def main(argv=None) -> int:
         for flag, out in (("--json", args.json), ("--save-iterates", args.save_iterates)):
             if out and not Path(out).resolve().parent.is_dir():  # checked before the run, whose work it would lose
                 raise ValueError(f"{flag} {out!r}: folder {str(Path(out).parent)!r} does not exist; create it first")
-        images = [] if args.save_iterates else None
         if args.rewards:
             rewards.parse_weights(args.rewards)  # a one-line error before any model loads
         res = run(prompts, args.model, args.rewards, [n.strip() for n in args.select_by.split(",") if n.strip()],
                   RenoConfig(iterations=args.iterations).check(), args.seed,
                   progress=lambda i, n: print(f"\r{i}/{n} prompts", end="", file=sys.stderr, flush=True),
-                  images=images)
+                  keep_images=bool(args.save_iterates))
     except (ValueError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
     print(f"{'':<14}" + "".join(f"{c:>12}" for c in columns))
     for cat, row in res["summary"].items():
         print(f"{cat:<14}" + "".join(f"{row[c]:>12.3f}" if c != "prompts" else f"{row[c]:>12d}" for c in columns))
+    images = res.pop("images", None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
